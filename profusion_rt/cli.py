@@ -1,0 +1,211 @@
+"""Command-line interface: ``profusion-rt <command>``.
+
+User errors (:class:`~profusion_rt.errors.ProFusionError`) are printed as one line ``error: ...`` and the
+process exits with status 2, without a traceback. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import ProFusionError
+
+logger = logging.getLogger("profusion_rt")
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
+    return fn
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu", dtype: str = "fp32", seed: int = 0):
+    """``model`` is a preset name or a model folder."""
+    from .pipeline import ProFusionPipeline
+    from .presets import preset_names
+
+    if Path(model).is_dir():
+        return ProFusionPipeline.from_pretrained(model, promptnet_path=promptnet, device=device, dtype=_dtype(dtype))
+    if promptnet is not None:
+        raise ProFusionError("--promptnet needs --model to be a model folder")
+    if model in preset_names() or "/" not in model:
+        return ProFusionPipeline.from_preset(model, seed=seed, device=device, dtype=_dtype(dtype))
+    from .errors import ModelLoadError
+
+    raise ModelLoadError(f"model folder {model} does not exist")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="preset name (tiny, sd2-base, sd2-768) or model folder")
+    p.add_argument("--promptnet", default=None, help="separate PromptNet folder (with a plain SD2 --model)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of a preset")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default=None, help="reference image of the subject")
+    p.add_argument("--prompt", required=True, help='prompt; "{S*}" marks the subject, e.g. "a {S*} wearing sunglasses"')
+    p.add_argument("--class-word", default="person", help="class word for the reference guidance prompt C~")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance-scale", type=float, default=7.0)
+    p.add_argument("--reference-guidance-scale", type=float, default=5.0)
+    p.add_argument("--fusion-steps", type=int, default=1)
+    p.add_argument("--fusion-guidance-scale", type=float, default=7.0)
+    p.add_argument("--fusion-eta", type=float, default=1.0)
+    p.add_argument("--fusion-embedding-scale", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--reference-mode", default="sample", choices=["sample", "mean"])
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        reference_image=args.image,
+        prompt=args.prompt,
+        class_word=args.class_word,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        reference_guidance_scale=args.reference_guidance_scale,
+        fusion_steps=args.fusion_steps,
+        fusion_guidance_scale=args.fusion_guidance_scale,
+        fusion_eta=args.fusion_eta,
+        fusion_embedding_scale=args.fusion_embedding_scale,
+        seed=args.seed,
+        num_images_per_prompt=args.num_images,
+        reference_mode=args.reference_mode,
+    )
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+@command
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate images with the eager reference pipeline."""
+    from .image_io import load_image, save_image
+
+    if args.image is not None:
+        load_image(args.image)  # fail fast on a bad file, before loading any model
+    pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
+    start = time.perf_counter()
+    result = pipe(output_type="pil", **sampling_kwargs(args))
+    elapsed = time.perf_counter() - start
+    for path, image in zip(output_paths(Path(args.out), len(result.images)), result.images):
+        save_image(image, path)
+        print(f"wrote {path}")
+    print(f"{len(result.images)} image(s) in {elapsed:.2f} s (seeds {result.seeds})")
+    return 0
+
+
+@command
+def cmd_info(args: argparse.Namespace) -> int:
+    """Components, parameter counts and FLOPs per network (meta-device counting)."""
+    from .flops import count_network_costs, sample_flops
+    from .presets import get_preset, preset_names
+
+    if not Path(args.model).is_dir() and args.model in preset_names():
+        from .models.factory import build_components
+
+        preset = get_preset(args.model)
+        components, resolution, name = build_components(preset, device="meta"), preset.resolution, args.model
+    else:
+        pipe = load_pipeline(args.model, args.promptnet)
+        components, resolution, name = pipe.components(), pipe.resolution, args.model
+    costs = count_network_costs(components, resolution)
+    print(f"model: {name}   resolution: {resolution}px   text layers skipped: {components.text_skip_layers}")
+    print(f"scheduler: {type(components.scheduler).__name__}   tokenizer: {type(components.tokenizer).__name__}")
+    print(f"| network | class | params (M) | GFLOP per forward | forward |")
+    print("| --- | --- | ---: | ---: | --- |")
+    classes = {k: type(v).__name__ for k, v in components.networks().items()}
+    classes["vae_encoder"] = classes["vae_decoder"] = classes["vae"]
+    for c in costs:
+        print(f"| {c.name} | {classes.get(c.name, '')} | {c.params / 1e6:.1f} | {c.gflops:.2f} | {c.call} |")
+    total = sample_flops(costs, args.steps, args.fusion_steps)
+    print(f"one image, {args.steps} steps, {args.fusion_steps} fusion step(s): {total / 1e12:.2f} TFLOP")
+    return 0
+
+
+@command
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job on the embedded tiny preset."""
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="profusion-rt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate an image with the eager reference pipeline")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--out", default="out.png", help="output image (several: out-0.png, out-1.png, ...)")
+
+    p = sub.add_parser("info", help="components, parameters and FLOPs per network")
+    add_model_args(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--fusion-steps", type=int, default=1)
+
+    p = sub.add_parser("demo", help="end-to-end demo on the tiny preset")
+    p.add_argument("--out", default="outputs/demo", help="output folder")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+    for extra in _extra_parsers():
+        extra(sub)
+    return parser
+
+
+def _extra_parsers():
+    """Subcommands registered by other layers (training, export, runtime, benchmarks, serving)."""
+    import importlib
+
+    found = []
+    for module in ("profusion_rt.training.cli", "export.cli", "profusion_rt.runtime.cli",
+                   "benchmarks.cli", "profusion_rt.serve_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue
+            raise
+        found.append(mod.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    handler = getattr(args, "handler", None) or COMMANDS[args.command]
+    try:
+        return int(handler(args) or 0)
+    except ProFusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

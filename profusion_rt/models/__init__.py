@@ -1,0 +1,1 @@
+"""Model components of profusion-rt (tokenizer, text encoder, UNet, VAE, encoder wrappers)."""

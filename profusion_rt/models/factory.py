@@ -1,0 +1,104 @@
+"""Build the components of a preset with random weights (from a seed) or on the meta device."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..presets import Preset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    image_encoder: nn.Module
+    promptnet: nn.Module
+    scheduler: Any
+    tokenizer: Any
+    text_skip_layers: int = 1
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "image_encoder": self.image_encoder,
+            "promptnet": self.promptnet,
+        }
+
+
+def build_unet(cfg: dict[str, Any]) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**cfg)
+
+
+def build_vae(cfg: dict[str, Any]) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**cfg)
+
+
+def build_text_encoder(cfg: dict[str, Any]) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**cfg)
+    config._attn_implementation = "sdpa"
+    return CLIPTextModel(config)
+
+
+def build_image_encoder(cfg: dict[str, Any]) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(**cfg)
+    config._attn_implementation = "sdpa"
+    return CLIPVisionModel(config)
+
+
+def build_promptnet(cfg: dict[str, Any]) -> nn.Module:
+    from .promptnet import PromptNet
+
+    return PromptNet(cfg)
+
+
+def build_scheduler(cfg: dict[str, Any]) -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def build_components(preset: Preset, seed: int = 0, device: str | torch.device = "cpu") -> Components:
+    """All components of ``preset`` with random weights drawn from ``seed`` (the global RNG state is left
+    untouched). ``device="meta"`` builds shapes only, for parameter and FLOP counting."""
+    from .tokenizer import load_default_tokenizer
+
+    meta = torch.device(device).type == "meta"
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), ctx:
+        torch.manual_seed(seed)
+        nets = {
+            "unet": build_unet(preset.unet),
+            "vae": build_vae(preset.vae),
+            "text_encoder": build_text_encoder(preset.text_encoder),
+            "image_encoder": build_image_encoder(preset.image_encoder),
+            "promptnet": build_promptnet(preset.promptnet),
+        }
+    for net in nets.values():
+        net.eval().requires_grad_(False)
+        if not meta:
+            net.to(device)
+    return Components(
+        **nets,
+        scheduler=build_scheduler(preset.scheduler),
+        tokenizer=load_default_tokenizer(),
+        text_skip_layers=preset.text_skip_layers,
+    )

@@ -1,0 +1,229 @@
+"""PromptNet: maps a reference latent, the live chain latent x_t, the timestep and CLIP image tokens to S*.
+
+Module and parameter names follow the released ProFusion checkpoint (PROMPTNET_CHECKPOINT.md), so its
+state dict loads strictly once the unused ``residual*`` keys are dropped (or, with
+``with_residual_heads=True``, loads strictly as is). The network is a ControlNet-like clone of the SD2
+UNet's encoder half built from diffusers' own blocks, plus a token head:
+
+    h = conv_in(z_ref) + E(x_t);   context = vision_embedding(image tokens)
+    down blocks, mid block (cross-attending to the context)
+    head: strided convs after conv_in, after each down block and after the mid block -> concat -> conv
+    S* = (B, N, prompt_channel), N = 1 for the configured latent size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
+
+logger = logging.getLogger(__name__)
+
+_DOWN_TYPES = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+
+
+@dataclass
+class PromptNetConfig:
+    """The configuration keys PromptNet uses; the released ``config.json`` carries more, which are ignored."""
+
+    sample_size: int = 64
+    in_channels: int = 4
+    block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
+    down_block_types: Sequence[str] = _DOWN_TYPES
+    layers_per_block: int = 2
+    attention_head_dim: Sequence[int] | int = (5, 10, 20, 20)
+    cross_attention_dim: int = 1024
+    prompt_channel: int = 1024
+    vision_width: int = 1280
+    region_kernel_size: int = 8
+    #: Kernel (= stride) of the final token conv. ``None``: ``region_kernel_size`` as in the release. The tiny
+    #: preset's 32x32 latent gives 4x4 head maps and needs 4.
+    region_output_kernel_size: int | None = None
+    region_proj_channel: int = 128
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    act_fn: str = "silu"
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    use_linear_projection: bool = True
+    upcast_attention: bool = False
+    center_input_sample: bool = False
+    with_residual_heads: bool = False
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "PromptNetConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in known}
+        # The released config names the vision width implicitly (1280) and stores
+        # ``use_clip_vision_embeds``; it is always true in use.
+        out = cls(**kwargs)
+        out.block_out_channels = tuple(out.block_out_channels)
+        out.down_block_types = tuple(out.down_block_types)
+        if isinstance(out.attention_head_dim, int):
+            out.attention_head_dim = (out.attention_head_dim,) * len(out.block_out_channels)
+        out.attention_head_dim = tuple(out.attention_head_dim)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["_class_name"] = "PromptNetModel"
+        d["use_clip_vision_embeds"] = True
+        d["with_noise"] = True
+        return d
+
+
+class PromptNetCondEmbedding(nn.Module):
+    """E(x_t): conv3x3 -> SiLU -> conv3x3 on the noisy latent (names as in the release)."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(nn.functional.silu(self.conv_in(x)))
+
+
+class PromptNet(nn.Module):
+    """PromptNet with the released checkpoint's names.
+
+    ``forward(sample, timestep, encoder_hidden_states, promptnet_cond) -> (B, N, prompt_channel)`` with
+    ``sample`` = reference latent z_ref, ``encoder_hidden_states`` = CLIP image tokens,
+    ``promptnet_cond`` = the current chain latent x_t.
+    """
+
+    def __init__(self, config: PromptNetConfig | dict[str, Any]):
+        super().__init__()
+        if isinstance(config, dict):
+            config = PromptNetConfig.from_dict(config)
+        self.config = config
+        ch = tuple(config.block_out_channels)
+        heads = tuple(config.attention_head_dim)
+        time_dim = ch[0] * 4
+
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.time_proj = Timesteps(ch[0], config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], time_dim, act_fn=config.act_fn)
+        self.promptnet_cond_embedding = PromptNetCondEmbedding(config.in_channels, ch[0])
+        self.vision_embedding = nn.Linear(config.vision_width, config.cross_attention_dim)
+
+        self.down_blocks = nn.ModuleList()
+        out_ch = ch[0]
+        for i, block_type in enumerate(config.down_block_types):
+            in_ch, out_ch = out_ch, ch[i]
+            # As in diffusers' UNet2DConditionModel, SD2's ``attention_head_dim`` is the number of heads.
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    num_layers=config.layers_per_block,
+                    in_channels=in_ch,
+                    out_channels=out_ch,
+                    temb_channels=time_dim,
+                    add_downsample=i < len(ch) - 1,
+                    resnet_eps=config.norm_eps,
+                    resnet_act_fn=config.act_fn,
+                    resnet_groups=config.norm_num_groups,
+                    cross_attention_dim=config.cross_attention_dim,
+                    num_attention_heads=heads[i],
+                    downsample_padding=config.downsample_padding,
+                    use_linear_projection=config.use_linear_projection,
+                    upcast_attention=config.upcast_attention,
+                    attention_head_dim=heads[i],
+                )
+            )
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            in_channels=ch[-1],
+            temb_channels=time_dim,
+            resnet_eps=config.norm_eps,
+            resnet_act_fn=config.act_fn,
+            output_scale_factor=config.mid_block_scale_factor,
+            cross_attention_dim=config.cross_attention_dim,
+            num_attention_heads=heads[-1],
+            resnet_groups=config.norm_num_groups,
+            use_linear_projection=config.use_linear_projection,
+            upcast_attention=config.upcast_attention,
+        )
+
+        # Token head: kernel = stride starts at region_kernel_size and halves after every block that
+        # downsamples, so every feature map lands on the same grid.
+        k = config.region_kernel_size
+        p = config.region_proj_channel
+        self.first_prompt_projection = nn.Conv2d(ch[0], p, k, stride=k)
+        self.down_prompt_projections = nn.ModuleList()
+        for i, c in enumerate(ch):
+            if i < len(ch) - 1:
+                k = max(k // 2, 1)
+            self.down_prompt_projections.append(nn.Conv2d(c, p, k, stride=k))
+        self.mid_prompt_projection = nn.Conv2d(ch[-1], p, k, stride=k)
+        ko = config.region_output_kernel_size or config.region_kernel_size
+        self.region_prompt_output = nn.Conv2d(p * (len(ch) + 2), config.prompt_channel, ko, stride=ko)
+
+        if config.with_residual_heads:
+            self._build_residual_heads()
+
+    def _build_residual_heads(self) -> None:
+        """The release's unused ControlNet-style heads, built only so a checkpoint can load strictly."""
+        chans = [self.config.block_out_channels[0]]
+        for blk in self.down_blocks:
+            chans += [r.out_channels for r in blk.resnets]
+            if blk.downsamplers is not None:
+                chans.append(blk.downsamplers[0].out_channels)
+        self.residual_projections = nn.ModuleList(nn.Conv2d(c, c, 1) for c in chans)
+        self.residual_projections_2 = nn.ModuleList(nn.Conv2d(c, c, 1, bias=False) for c in chans)
+        c = self.config.block_out_channels[-1]
+        self.mid_residual_projection = nn.Conv2d(c, c, 1)
+        self.mid_residual_projection_2 = nn.Conv2d(c, c, 1, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        promptnet_cond: torch.Tensor,
+    ) -> torch.Tensor:
+        batch = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=sample.device)
+        timestep = timestep.reshape(-1).expand(batch)
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        temb = self.time_proj(timestep).to(dtype=sample.dtype)
+        temb = self.time_embedding(temb)
+        context = self.vision_embedding(encoder_hidden_states)
+
+        h = self.conv_in(sample) + self.promptnet_cond_embedding(promptnet_cond)
+        maps = [self.first_prompt_projection(h)]
+        for block, proj in zip(self.down_blocks, self.down_prompt_projections):
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=temb, encoder_hidden_states=context)
+            else:
+                h, _ = block(hidden_states=h, temb=temb)
+            maps.append(proj(h))
+        h = self.mid_block(h, temb, encoder_hidden_states=context)
+        maps.append(self.mid_prompt_projection(h))
+        tokens = self.region_prompt_output(torch.cat(maps, dim=1))  # (B, C, n_h, n_w)
+        return tokens.flatten(2).transpose(1, 2)
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save_config(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=list))
+
+
+def drop_unused_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the release's unused ``residual*`` heads from a PromptNet state dict."""
+    return {k: v for k, v in state_dict.items() if "residual" not in k}

@@ -1,0 +1,38 @@
+"""Reference-image features: CLIP vision tokens and the VAE latent (PROMPTNET_CHECKPOINT.md section 4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..presets import CLIP_MEAN, CLIP_STD
+
+
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] images (B, 3, H, W) -> bicubic resize to ``size`` (antialias pinned on, as torchvision >= 0.17
+    does for tensors) -> OpenAI-CLIP normalisation. No crop: the reference is already square."""
+    x = nn.functional.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def image_tokens(image_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """CLIP vision tokens: last encoder layer, before the post-layernorm, (B, 1 + patches, width)."""
+    size = int(image_encoder.config.image_size)
+    pixels = clip_preprocess(images, size).to(image_encoder.dtype)
+    return image_encoder(pixel_values=pixels).last_hidden_state
+
+
+def vae_encode(
+    vae: nn.Module, images: torch.Tensor, mode: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """[0, 1] images -> scaled latents. ``mode="sample"`` draws the posterior noise from ``generator`` on
+    the CPU (device independent); ``"mean"`` takes the posterior mean."""
+    dist = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist
+    if mode == "mean":
+        z = dist.mean
+    else:
+        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean)
+        z = dist.mean + dist.std * eps
+    return z * vae.config.scaling_factor

@@ -1,0 +1,413 @@
+"""The eager PyTorch reference pipeline: ProFusion's Fusion Sampling, read top to bottom like
+PROFUSION.md section 3. Every optimised backend is checked element by element against this.
+
+Randomness (all drawn up front, on the CPU, so every device and backend sees the same numbers):
+
+* image j of a batch uses seed ``seed + j`` (or ``seed[j]`` when a list is given);
+* from ``torch.Generator().manual_seed(seed_j)``: first x_T (1, 4, h, w), then every fusion-stage draw
+  z in the order it is used, as one tensor (steps, fusion_steps, 1, 4, h, w);
+* the reference latent's VAE posterior noise (``mode="sample"``) comes from a separate stream,
+  ``torch.Generator().manual_seed(reference_seed(seed))`` of the batch's first seed, so
+  ``pipe(reference_image=img, seed=s)`` equals ``pipe(reference=pipe.encode_reference(img, seed=s), seed=s)``.
+
+Official-code names, for readers who know them: ``fusion_steps`` = ``refine_step``,
+``fusion_guidance_scale`` = ``refine_guidance_scale``, ``fusion_eta`` = ``refine_eta``,
+``fusion_embedding_scale`` = ``refine_emb_scale``, ``reference_guidance_scale`` = ``guidance_scale_ref``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import sampling
+from .errors import InvalidParameterError, PromptError
+from .image_io import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
+from .models import text as textenc
+from .models.factory import Components, build_components
+from .models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
+from .models.vision import image_tokens, vae_encode
+from .presets import get_preset
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def reference_seed(seed: int) -> int:
+    """Seed of the reference-posterior stream derived from a request seed (documented, stable)."""
+    digest = hashlib.sha256(f"profusion-rt/reference/{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class ReferenceEncoding:
+    """Per-reference constants: ``latents`` z_ref (R, 4, h, w) and CLIP ``image_tokens`` (R, T, width)."""
+
+    latents: torch.Tensor
+    image_tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def expand(self, counts: Sequence[int]) -> "ReferenceEncoding":
+        """Repeat reference i ``counts[i]`` times (one row per image of the batch)."""
+        if len(self) == 1:
+            total = int(sum(counts))
+            return ReferenceEncoding(
+                self.latents.expand(total, -1, -1, -1), self.image_tokens.expand(total, -1, -1)
+            )
+        rep = torch.tensor(list(counts), device=self.latents.device)
+        return ReferenceEncoding(
+            self.latents.repeat_interleave(rep, 0), self.image_tokens.repeat_interleave(rep, 0)
+        )
+
+
+@dataclass
+class EncodedPrompts:
+    """Token embeddings of the user prompts and the constant contexts, one row per image."""
+
+    embeds: torch.Tensor  # (B, 77, D) token + position embeddings of C[S*]
+    placeholder_mask: torch.Tensor  # (B, 77) float, 1.0 at the S* row
+    empty: torch.Tensor  # (B, 77, D) conditioning of ∅
+    class_context: torch.Tensor | None  # (B, 77, D) conditioning of C~ (the class-word prompt)
+    has_placeholder: bool
+
+
+@dataclass
+class ProFusionOutput:
+    images: Any  # list of PIL images, (B, H, W, 3) float array in [0, 1], or latents
+    latents: torch.Tensor
+    seeds: list[int]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.0
+    reference_guidance_scale: float = 5.0
+    fusion_steps: int = 1
+    fusion_guidance_scale: float = 7.0
+    fusion_eta: float = 1.0
+    fusion_embedding_scale: float = 0.6
+
+    def validate(self) -> None:
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise InvalidParameterError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}")
+        if not isinstance(self.fusion_steps, int) or self.fusion_steps < 0:
+            raise InvalidParameterError(f"fusion_steps must be an integer >= 0, got {self.fusion_steps!r}")
+        for name in ("guidance_scale", "reference_guidance_scale", "fusion_guidance_scale", "fusion_embedding_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.fusion_eta, (int, float)) or not 0.0 <= self.fusion_eta <= 1.0:
+            raise InvalidParameterError(f"fusion_eta must be in [0, 1], got {self.fusion_eta!r}")
+
+
+class ProFusionPipeline:
+    """ProFusion on Stable Diffusion 2: PromptNet turns a reference photo into S*, Fusion Sampling generates.
+
+    Components are attributes: ``unet, vae, text_encoder, image_encoder, tokenizer, promptnet, scheduler``.
+    """
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        image_encoder,
+        tokenizer,
+        promptnet,
+        scheduler,
+        text_skip_layers: int = 1,
+        resolution: int | None = None,
+        preset: str | None = None,
+    ):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.tokenizer = tokenizer
+        self.promptnet = promptnet
+        self.scheduler = scheduler
+        self.text_skip_layers = int(text_skip_layers)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution or unet.config.sample_size * self.vae_scale_factor)
+        self.preset = preset
+        self.progress_bar = True
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_components(cls, c: Components, **kwargs) -> "ProFusionPipeline":
+        return cls(
+            c.unet, c.vae, c.text_encoder, c.image_encoder, c.tokenizer, c.promptnet, c.scheduler,
+            text_skip_layers=c.text_skip_layers, **kwargs,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> "ProFusionPipeline":
+        """Random weights for preset ``name`` ("tiny", "sd2-base", "sd2-768") drawn from ``seed``."""
+        preset = get_preset(name)
+        pipe = cls.from_components(build_components(preset, seed=seed), resolution=preset.resolution, preset=name)
+        return pipe.to(device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, promptnet_path: str | Path | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "ProFusionPipeline":
+        """Load a model folder: the released ProFusion layout (``openclip`` CLIPModel), our own layout, or a
+        plain SD2 folder with the PromptNet (and image encoder) in ``promptnet_path``."""
+        from .models.loading import load_components
+
+        components, meta = load_components(Path(path), None if promptnet_path is None else Path(promptnet_path))
+        return cls.from_components(components, resolution=meta.get("resolution"), preset=meta.get("preset")).to(
+            device, dtype
+        )
+
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write every component in safetensors (atomically: a temporary folder renamed at the end)."""
+        from .models.loading import save_components
+
+        return save_components(self, Path(path), overwrite=overwrite)
+
+    def components(self) -> Components:
+        return Components(self.unet, self.vae, self.text_encoder, self.image_encoder, self.promptnet,
+                          self.scheduler, self.tokenizer, self.text_skip_layers)
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return self.components().networks()
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ProFusionPipeline":
+        for net in self.networks().values():
+            current = next(net.parameters())
+            if dtype is not None and current.dtype != dtype:
+                net.to(dtype=dtype)
+            if device is not None and current.device != torch.device(device):
+                net.to(device=device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.vae_scale_factor
+        return (int(self.unet.config.in_channels), side, side)
+
+    # -- per-request constants -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_reference(self, image, mode: str = "sample", seed: int = 0) -> ReferenceEncoding:
+        """Reference image(s) -> z_ref and CLIP image tokens. ``image``: a path, PIL image, array or bytes,
+        or a list of them. ``mode``: "sample" (seeded VAE posterior draw, as the official code) or "mean"."""
+        if mode not in ("sample", "mean"):
+            raise InvalidParameterError(f"reference mode must be 'sample' or 'mean', got {mode!r}")
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise InvalidParameterError("no reference image given")
+        pixels = torch.stack(
+            [pil_to_tensor(center_crop_resize(load_image(im), self.resolution)) for im in images]
+        ).to(self.device, self.dtype)
+        generator = torch.Generator().manual_seed(reference_seed(seed))
+        latents = vae_encode(self.vae, pixels, mode, generator)
+        tokens = image_tokens(self.image_encoder, pixels)
+        return ReferenceEncoding(latents=latents, image_tokens=tokens.to(self.dtype))
+
+    def _tokenize(self, prompts: Sequence[str], allow_placeholder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = [], []
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
+            row, index = tokenize_prompt(self.tokenizer, prompt)
+            if index is not None and not allow_placeholder:
+                raise PromptError(f"the prompt {prompt!r} contains {PLACEHOLDER} but no reference image was given")
+            if index is None and allow_placeholder:
+                raise PromptError(
+                    f"the prompt {prompt!r} has no {PLACEHOLDER} placeholder, but a reference image was given"
+                )
+            m = torch.zeros(row.shape[0])
+            if index is not None:
+                m[index] = 1.0
+            ids.append(row)
+            mask.append(m)
+        return torch.stack(ids).to(self.device), torch.stack(mask).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], class_word: str | None, with_reference: bool,
+                       counts: Sequence[int]) -> EncodedPrompts:
+        """Token embeddings of C[S*] (S* is inserted per stage call) and the constant ∅ and C~ contexts."""
+        ids, mask = self._tokenize(prompts, allow_placeholder=with_reference)
+        rep = torch.tensor(list(counts), device=self.device)
+        te, skip = self.text_encoder, self.text_skip_layers
+        embeds = textenc.token_embeddings(te, ids)
+        empty_ids, _ = self._tokenize([""], allow_placeholder=False)
+        empty = textenc.encode_plain(te, empty_ids, skip)
+        if with_reference:
+            word = class_word if class_word is not None else "person"
+            class_ids, _ = self._tokenize([replace_placeholder(p, word) for p in prompts], allow_placeholder=False)
+            class_context = textenc.encode_plain(te, class_ids, skip).repeat_interleave(rep, 0)
+        else:
+            class_context = None
+        total = int(sum(counts))
+        return EncodedPrompts(
+            embeds=embeds.repeat_interleave(rep, 0),
+            placeholder_mask=mask.repeat_interleave(rep, 0),
+            empty=empty.expand(total, -1, -1),
+            class_context=class_context,
+            has_placeholder=with_reference,
+        )
+
+    def draw_noise(self, seeds: Sequence[int], steps: int, fusion_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_T (B, 4, h, w) and the fusion noise (steps, fusion_steps, B, 4, h, w), float32 on the CPU."""
+        shape = self.latent_shape
+        xs, zs = [], []
+        for s in seeds:
+            g = torch.Generator().manual_seed(int(s))
+            xs.append(torch.randn((1, *shape), generator=g))
+            zs.append(torch.randn((steps, fusion_steps, 1, *shape), generator=g))
+        return torch.cat(xs, 0), torch.cat(zs, 2)
+
+    # -- the algorithm ---------------------------------------------------------------------------------
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One UNet call on len(contexts) conditionings sharing x_t; returns one ε per conditioning."""
+        k = len(contexts)
+        out = self.unet(torch.cat([x] * k), t, encoder_hidden_states=torch.cat(list(contexts))).sample
+        return list(out.reshape(k, x.shape[0], *out.shape[1:]).unbind(0))
+
+    def _conditioning(self, ref: ReferenceEncoding, prompts: EncodedPrompts, x: torch.Tensor,
+                      t: torch.Tensor, scale: float) -> torch.Tensor:
+        """PromptNet on the live x_t and t -> S* -> C[scale * S*]."""
+        s_star = self.promptnet(ref.latents, t, ref.image_tokens, x)
+        return textenc.encode_with_placeholder(
+            self.text_encoder, prompts.embeds, prompts.placeholder_mask, s_star, scale, self.text_skip_layers
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference_image=None,
+        prompt: str | Sequence[str] = "a {S*}",
+        class_word: str | None = "person",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        reference_guidance_scale: float = 5.0,
+        fusion_steps: int = 1,
+        fusion_guidance_scale: float = 7.0,
+        fusion_eta: float = 1.0,
+        fusion_embedding_scale: float = 0.6,
+        seed: int | Sequence[int] = 0,
+        latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        reference: ReferenceEncoding | None = None,
+        output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        reference_mode: str = "sample",
+    ) -> ProFusionOutput:
+        params = SamplingParams(num_inference_steps, guidance_scale, reference_guidance_scale, fusion_steps,
+                                fusion_guidance_scale, fusion_eta, fusion_embedding_scale)
+        params.validate()
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidParameterError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise PromptError("no prompt given")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InvalidParameterError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        counts = [num_images_per_prompt] * len(prompts)
+        batch = sum(counts)
+        seeds = resolve_seeds(seed, batch)
+        with_reference = reference_image is not None or reference is not None
+        fusion = params.fusion_steps if with_reference else 0
+        device, dtype = self.device, self.dtype
+
+        # Per-request constants: reference features, prompt embeddings, empty and class-word contexts.
+        if with_reference and reference is None:
+            reference = self.encode_reference(reference_image, mode=reference_mode, seed=seeds[0])
+        if reference is not None and len(reference) not in (1, len(prompts)):
+            raise InvalidParameterError(
+                f"{len(reference)} reference images for {len(prompts)} prompts; give one, or one per prompt"
+            )
+        encoded = self.encode_prompts(prompts, class_word, with_reference, counts)
+        ref = reference.expand(counts) if reference is not None else None
+        use_class = with_reference and params.reference_guidance_scale != 0
+
+        # All randomness up front.
+        schedule = sampling.DDIMSchedule.create(self.scheduler.config, params.num_inference_steps)
+        x_init, z = self.draw_noise(seeds, params.num_inference_steps, fusion)
+        x = check_tensor("latents", latents, x_init.shape) if latents is not None else x_init
+        if noise is not None:
+            z = check_tensor("noise", noise, z.shape)
+        x = x.to(device, dtype)
+        z = z.to(device, dtype)
+        # Without a reference the pipeline is plain SD2 classifier-free guidance: C is constant.
+        plain_cond = None if with_reference else textenc.run_text_layers(
+            self.text_encoder, encoded.embeds, self.text_skip_layers)
+        c_eps, c_noise = sampling.fusion_coefficients(schedule.alpha, schedule.alpha_prev, params.fusion_eta)
+
+        steps = tqdm(range(len(schedule)), desc="sampling", disable=not self.progress_bar, leave=False)
+        for i in steps:
+            t = schedule.timesteps[i].to(device)
+            a, a_prev = schedule.alpha[i].to(device), schedule.alpha_prev[i].to(device)
+
+            # Fusion stage, R times: re-noise x_t at the same level with ê guided by C[γ S*].
+            for r in range(fusion):
+                cond = self._conditioning(ref, encoded, x, t, params.fusion_embedding_scale)
+                e_u, e_f = self._eps(x, t, [encoded.empty, cond])
+                e_hat = sampling.fusion_guidance(e_u, e_f, params.fusion_guidance_scale)
+                x = sampling.fusion_update(x, e_hat, z[i, r], c_eps[i].to(device), c_noise[i].to(device))
+
+            # Refinement stage: one UNet call on [∅, C[S*], C~], guidance, DDIM step (eta = 0).
+            cond = self._conditioning(ref, encoded, x, t, 1.0) if with_reference else plain_cond
+            contexts = [encoded.empty, cond] + ([encoded.class_context] if use_class else [])
+            eps = self._eps(x, t, contexts)
+            e = sampling.refinement_guidance(eps[0], eps[1], eps[2] if use_class else None,
+                                             params.guidance_scale, params.reference_guidance_scale)
+            x = sampling.ddim_step(x, e, a, a_prev)
+
+        return ProFusionOutput(images=self.decode(x, output_type), latents=x, seeds=seeds)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents -> images: VAE decode of x / scaling_factor, then (y / 2 + 0.5) clamped to [0, 1]."""
+        if output_type == "latent":
+            return latents
+        y = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        images = (y / 2 + 0.5).clamp(0, 1).float().cpu()
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).numpy()
+        return [tensor_to_pil(im) for im in images]
+
+
+def resolve_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
+    """``seed`` -> one seed per image: an int gives seed, seed+1, ...; a list must have one per image."""
+    if isinstance(seed, (list, tuple)):
+        seeds = list(seed)
+        if len(seeds) != batch:
+            raise InvalidParameterError(f"{len(seeds)} seeds given for {batch} images")
+    else:
+        seeds = [seed + j for j in range(batch)] if isinstance(seed, int) else [seed]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 - batch:
+            raise InvalidParameterError(f"seed must be a non-negative integer, got {s!r}")
+    return seeds
+
+
+def check_tensor(name: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if not torch.is_tensor(value):
+        raise InvalidParameterError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise InvalidParameterError(f"{name} has shape {tuple(value.shape)}; expected {tuple(shape)}")
+    if not torch.isfinite(value).all():
+        raise InvalidParameterError(f"{name} contains NaN or Inf")
+    return value.float().cpu()

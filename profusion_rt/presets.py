@@ -1,0 +1,207 @@
+"""Model presets as data.
+
+A preset is a plain description of every component's shape. Building it (with random weights from a seed,
+or on the meta device for FLOP counting) lives in :mod:`profusion_rt.models.factory`.
+
+* ``tiny``: Stable Diffusion 2's structure (the same block types, linear attention projections, a
+  penultimate-layer text encoder, a one-token S*, the real CLIP tokenizer) at a toy size: latents 32x32,
+  images 256x256, so that a 50-step fusion sample runs in seconds on two CPU cores.
+* ``sd2-base``: the exact shapes of SD2-base at 512 px (UNet, VAE, OpenCLIP ViT-H/14 text and vision
+  towers) and of the released PromptNet (PROMPTNET_CHECKPOINT.md).
+* ``sd2-768``: SD2's 96x96-latent shapes with upcast attention, for benchmarking only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UnknownPresetError
+
+#: SD2-base DDIM scheduler configuration (PROFUSION.md section 3).
+SD2_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+}
+
+#: OpenAI CLIP image normalisation used by the reference-image preprocessing.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes of all components. The dicts are diffusers / transformers config keyword arguments."""
+
+    name: str
+    resolution: int
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    image_encoder: dict[str, Any]
+    promptnet: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD2_SCHEDULER))
+    #: Number of final text-encoder layers skipped (1 = read ``hidden_states[-2]`` like OpenCLIP/ProFusion).
+    text_skip_layers: int = 1
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_encoder["hidden_size"])
+
+    def copy(self) -> "Preset":
+        return copy.deepcopy(self)
+
+
+_SD2_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD2_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+_VAE_DOWN = ("DownEncoderBlock2D",) * 4
+_VAE_UP = ("UpDecoderBlock2D",) * 4
+
+
+def _unet(channels, heads, layers, cross_dim, sample_size, upcast=False) -> dict[str, Any]:
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": _SD2_DOWN,
+        "up_block_types": _SD2_UP,
+        "block_out_channels": tuple(channels),
+        "layers_per_block": layers,
+        "attention_head_dim": tuple(heads),
+        "cross_attention_dim": cross_dim,
+        "use_linear_projection": True,
+        "upcast_attention": upcast,
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
+    }
+
+
+def _vae(channels, layers, sample_size) -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": _VAE_DOWN,
+        "up_block_types": _VAE_UP,
+        "block_out_channels": tuple(channels),
+        "layers_per_block": layers,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": sample_size,
+        "scaling_factor": 0.18215,
+        "act_fn": "silu",
+    }
+
+
+def _promptnet(
+    unet: dict[str, Any], vision_width: int, region_kernel: int, output_kernel: int | None, proj_channels: int
+) -> dict:
+    return {
+        "sample_size": unet["sample_size"],
+        "in_channels": 4,
+        "block_out_channels": unet["block_out_channels"],
+        "layers_per_block": unet["layers_per_block"],
+        "attention_head_dim": unet["attention_head_dim"],
+        "cross_attention_dim": unet["cross_attention_dim"],
+        "prompt_channel": unet["cross_attention_dim"],
+        "vision_width": vision_width,
+        "region_kernel_size": region_kernel,
+        "region_output_kernel_size": output_kernel,
+        "region_proj_channel": proj_channels,
+        "upcast_attention": unet["upcast_attention"],
+    }
+
+
+def _text(hidden, layers, heads, intermediate) -> dict[str, Any]:
+    return {
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": hidden,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    }
+
+
+def _vision(hidden, layers, heads, intermediate, image_size, patch) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image_size,
+        "patch_size": patch,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 1024 if hidden == 1280 else hidden,
+    }
+
+
+def _tiny() -> Preset:
+    unet = _unet((32, 64, 64, 64), (2, 4, 4, 4), 1, 64, 32)
+    return Preset(
+        name="tiny",
+        resolution=256,
+        unet=unet,
+        vae=_vae((32, 32, 64, 64), 1, 256),
+        text_encoder=_text(64, 4, 2, 128),
+        image_encoder=_vision(64, 2, 2, 128, 56, 14),
+        # latent 32x32: head maps are 4x4 (kernels 8,4,2,1,1,1), the output conv has kernel 4.
+        promptnet=_promptnet(unet, 64, 8, 4, 32),
+    )
+
+
+def _sd2(resolution: int, upcast: bool) -> Preset:
+    latent = resolution // 8
+    unet = _unet((320, 640, 1280, 1280), (5, 10, 20, 20), 2, 1024, latent, upcast)
+    return Preset(
+        name="sd2-base" if resolution == 512 else "sd2-768",
+        resolution=resolution,
+        unet=unet,
+        vae=_vae((128, 256, 512, 512), 2, resolution),
+        text_encoder=_text(1024, 24, 16, 4096),
+        image_encoder=_vision(1280, 32, 16, 5120, 224, 14),
+        promptnet=_promptnet(unet, 1280, 8, None, 128),
+    )
+
+
+_PRESETS = {"tiny": _tiny, "sd2-base": lambda: _sd2(512, False), "sd2-768": lambda: _sd2(768, True)}
+
+
+def preset_names() -> list[str]:
+    return list(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """Return a fresh copy of the named preset; :class:`UnknownPresetError` for an unknown name."""
+    try:
+        factory = _PRESETS[name]
+    except KeyError:
+        raise UnknownPresetError(
+            f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}"
+        ) from None
+    return factory()
