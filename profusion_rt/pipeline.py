@@ -32,6 +32,7 @@ from .errors import InvalidParameterError, PromptError
 from .image_io import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
 from .models import text as textenc
 from .models.factory import Components, build_components
+from .models.stages import StepTables, step_tables
 from .models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
 from .models.vision import image_tokens, vae_encode
 from .presets import get_preset
@@ -86,6 +87,26 @@ class ProFusionOutput:
     images: Any  # list of PIL images, (B, H, W, 3) float array in [0, 1], or latents
     latents: torch.Tensor
     seeds: list[int]
+
+
+@dataclass
+class PreparedRequest:
+    """Everything one request needs inside the sampling loop, on the pipeline's device."""
+
+    params: "SamplingParams"
+    seeds: list[int]
+    fusion_steps: int  # R actually run (0 without a reference)
+    use_class: bool  # the refinement batch includes C~
+    reference: ReferenceEncoding | None  # one row per image
+    prompts: EncodedPrompts
+    plain_context: torch.Tensor | None  # C without placeholder (plain SD2 mode)
+    latents: torch.Tensor  # x_T (B, 4, h, w)
+    noise: torch.Tensor  # (steps, R, B, 4, h, w)
+    tables: StepTables
+
+    @property
+    def batch(self) -> int:
+        return int(self.latents.shape[0])
 
 
 @dataclass(frozen=True)
@@ -294,7 +315,7 @@ class ProFusionPipeline:
         )
 
     @torch.no_grad()
-    def __call__(
+    def prepare(
         self,
         reference_image=None,
         prompt: str | Sequence[str] = "a {S*}",
@@ -310,72 +331,91 @@ class ProFusionPipeline:
         latents: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         reference: ReferenceEncoding | None = None,
-        output_type: str = "pil",
         num_images_per_prompt: int = 1,
         reference_mode: str = "sample",
-    ) -> ProFusionOutput:
+    ) -> PreparedRequest:
+        """Validate a request and compute its constants once: reference features, prompt embeddings and
+        placeholder mask, the ∅ and C~ contexts, x_T and all fusion noise, and the per-step tables."""
         params = SamplingParams(num_inference_steps, guidance_scale, reference_guidance_scale, fusion_steps,
                                 fusion_guidance_scale, fusion_eta, fusion_embedding_scale)
         params.validate()
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidParameterError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise PromptError("no prompt given")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InvalidParameterError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         counts = [num_images_per_prompt] * len(prompts)
-        batch = sum(counts)
-        seeds = resolve_seeds(seed, batch)
+        seeds = resolve_seeds(seed, sum(counts))
         with_reference = reference_image is not None or reference is not None
-        fusion = params.fusion_steps if with_reference else 0
         device, dtype = self.device, self.dtype
 
-        # Per-request constants: reference features, prompt embeddings, empty and class-word contexts.
+        # Tokenize first: prompt errors are reported before any network runs.
+        encoded = self.encode_prompts(prompts, class_word, with_reference, counts)
         if with_reference and reference is None:
             reference = self.encode_reference(reference_image, mode=reference_mode, seed=seeds[0])
         if reference is not None and len(reference) not in (1, len(prompts)):
             raise InvalidParameterError(
                 f"{len(reference)} reference images for {len(prompts)} prompts; give one, or one per prompt"
             )
-        encoded = self.encode_prompts(prompts, class_word, with_reference, counts)
-        ref = reference.expand(counts) if reference is not None else None
-        use_class = with_reference and params.reference_guidance_scale != 0
 
         # All randomness up front.
+        fusion = params.fusion_steps if with_reference else 0
         schedule = sampling.DDIMSchedule.create(self.scheduler.config, params.num_inference_steps)
         x_init, z = self.draw_noise(seeds, params.num_inference_steps, fusion)
         x = check_tensor("latents", latents, x_init.shape) if latents is not None else x_init
         if noise is not None:
             z = check_tensor("noise", noise, z.shape)
-        x = x.to(device, dtype)
-        z = z.to(device, dtype)
         # Without a reference the pipeline is plain SD2 classifier-free guidance: C is constant.
-        plain_cond = None if with_reference else textenc.run_text_layers(
+        plain = None if with_reference else textenc.run_text_layers(
             self.text_encoder, encoded.embeds, self.text_skip_layers)
-        c_eps, c_noise = sampling.fusion_coefficients(schedule.alpha, schedule.alpha_prev, params.fusion_eta)
+        tables = step_tables(schedule, params.guidance_scale, params.reference_guidance_scale,
+                             params.fusion_guidance_scale, params.fusion_eta, params.fusion_embedding_scale)
+        return PreparedRequest(
+            params=params,
+            seeds=seeds,
+            fusion_steps=fusion,
+            use_class=with_reference and params.reference_guidance_scale != 0,
+            reference=reference.expand(counts) if reference is not None else None,
+            prompts=encoded,
+            plain_context=plain,
+            latents=x.to(device, dtype),
+            noise=z.to(device, dtype),
+            tables=tables.to(device),
+        )
 
-        steps = tqdm(range(len(schedule)), desc="sampling", disable=not self.progress_bar, leave=False)
+    @torch.no_grad()
+    def denoise(self, req: PreparedRequest) -> torch.Tensor:
+        """The sampling loop of PROFUSION.md section 3, eagerly: returns the final latents."""
+        x, ref, enc, tab = req.latents, req.reference, req.prompts, req.tables
+        steps = tqdm(range(len(tab.timesteps)), desc="sampling", disable=not self.progress_bar, leave=False)
         for i in steps:
-            t = schedule.timesteps[i].to(device)
-            a, a_prev = schedule.alpha[i].to(device), schedule.alpha_prev[i].to(device)
+            t = tab.timesteps[i]
+            c_eps, c_noise, w_fusion, gamma = tab.fusion[i].unbind(0)
+            alpha, alpha_prev, s1, s2 = tab.refinement[i].unbind(0)
 
             # Fusion stage, R times: re-noise x_t at the same level with ê guided by C[γ S*].
-            for r in range(fusion):
-                cond = self._conditioning(ref, encoded, x, t, params.fusion_embedding_scale)
-                e_u, e_f = self._eps(x, t, [encoded.empty, cond])
-                e_hat = sampling.fusion_guidance(e_u, e_f, params.fusion_guidance_scale)
-                x = sampling.fusion_update(x, e_hat, z[i, r], c_eps[i].to(device), c_noise[i].to(device))
+            for r in range(req.fusion_steps):
+                cond = self._conditioning(ref, enc, x, t, gamma)
+                e_u, e_f = self._eps(x, t, [enc.empty, cond])
+                e_hat = sampling.fusion_guidance(e_u, e_f, w_fusion)
+                x = sampling.fusion_update(x, e_hat, req.noise[i, r], c_eps, c_noise)
 
             # Refinement stage: one UNet call on [∅, C[S*], C~], guidance, DDIM step (eta = 0).
-            cond = self._conditioning(ref, encoded, x, t, 1.0) if with_reference else plain_cond
-            contexts = [encoded.empty, cond] + ([encoded.class_context] if use_class else [])
+            cond = self._conditioning(ref, enc, x, t, 1.0) if ref is not None else req.plain_context
+            contexts = [enc.empty, cond] + ([enc.class_context] if req.use_class else [])
             eps = self._eps(x, t, contexts)
-            e = sampling.refinement_guidance(eps[0], eps[1], eps[2] if use_class else None,
-                                             params.guidance_scale, params.reference_guidance_scale)
-            x = sampling.ddim_step(x, e, a, a_prev)
+            e = sampling.refinement_guidance(eps[0], eps[1], eps[2] if req.use_class else None, s1, s2)
+            x = sampling.ddim_step(x, e, alpha, alpha_prev)
+        return x
 
-        return ProFusionOutput(images=self.decode(x, output_type), latents=x, seeds=seeds)
+    @torch.no_grad()
+    def __call__(self, *args, output_type: str = "pil", **kwargs) -> ProFusionOutput:
+        """Generate images. Arguments as :meth:`prepare`, plus ``output_type`` ("pil", "np", "latent")."""
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidParameterError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        req = self.prepare(*args, **kwargs)
+        x = self.denoise(req)
+        return ProFusionOutput(images=self.decode(x, output_type), latents=x, seeds=req.seeds)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):

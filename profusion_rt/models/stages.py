@@ -1,0 +1,105 @@
+"""The fused per-stage modules: ONE call = one stage of Fusion Sampling.
+
+``FusionStage``: PromptNet(z_ref, x_t, t, image tokens) -> S* -> text encoder with γ·S* inserted ->
+UNet on [∅, C[γS*]] -> fusion guidance -> variance-preserving re-noise of x_t.
+``RefinementStage``: PromptNet -> text encoder with S* -> UNet on [∅, C[S*], C~] -> guidance -> DDIM step.
+
+They compose the same modules and the same :mod:`profusion_rt.sampling` functions as the eager pipeline,
+with every per-step and per-request scalar passed as a tensor (so one exported graph, or one compiled
+graph, serves every step and every request of the same shape). The scalars are packed per step:
+
+* fusion ``scalars`` = [c_eps, c_noise, fusion_guidance_scale, fusion_embedding_scale]
+* refinement ``scalars`` = [a_t, a_t', guidance_scale, reference_guidance_scale]
+
+(float32, shape (4,)); :func:`step_tables` builds the (steps, 4) tables once per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .. import sampling
+from . import text as textenc
+
+FUSION_INPUTS = ("x", "timestep", "scalars", "ref_latents", "image_tokens", "token_embeds",
+                 "placeholder_mask", "empty_context", "noise")
+REFINEMENT_INPUTS = ("x", "timestep", "scalars", "ref_latents", "image_tokens", "token_embeds",
+                     "placeholder_mask", "empty_context", "class_context")
+STAGE_OUTPUT = "x_out"
+
+
+class _Stage(nn.Module):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, promptnet: nn.Module, text_skip_layers: int):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.promptnet = promptnet
+        self.text_skip_layers = int(text_skip_layers)
+
+    def conditioning(self, x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, scale):
+        s_star = self.promptnet(ref_latents, timestep, image_tokens, x)
+        return textenc.encode_with_placeholder(
+            self.text_encoder, token_embeds, placeholder_mask, s_star, scale, self.text_skip_layers
+        )
+
+    def eps(self, x: torch.Tensor, timestep: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        k = len(contexts)
+        out = self.unet(torch.cat([x] * k), timestep, encoder_hidden_states=torch.cat(list(contexts))).sample
+        # reshape + unbind, not chunk: chunk makes the exporter freeze the batch size.
+        return list(out.reshape(k, x.shape[0], *out.shape[1:]).unbind(0))
+
+
+class FusionStage(_Stage):
+    """x_t -> x_t after one fusion-stage iteration (PROFUSION.md section 3, step 2)."""
+
+    input_names = FUSION_INPUTS
+
+    def forward(self, x, timestep, scalars, ref_latents, image_tokens, token_embeds, placeholder_mask,
+                empty_context, noise):
+        c_eps, c_noise, w_fusion, gamma = scalars.unbind(0)
+        cond = self.conditioning(x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, gamma)
+        e_u, e_f = self.eps(x, timestep, [empty_context, cond])
+        e_hat = sampling.fusion_guidance(e_u, e_f, w_fusion)
+        return sampling.fusion_update(x, e_hat, noise, c_eps, c_noise)
+
+
+class RefinementStage(_Stage):
+    """x_t -> x_{t'}: the refinement stage and its DDIM step (PROFUSION.md section 3, step 3)."""
+
+    input_names = REFINEMENT_INPUTS
+
+    def forward(self, x, timestep, scalars, ref_latents, image_tokens, token_embeds, placeholder_mask,
+                empty_context, class_context):
+        alpha, alpha_prev, s1, s2 = scalars.unbind(0)
+        cond = self.conditioning(x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, 1.0)
+        e_u, e_c, e_r = self.eps(x, timestep, [empty_context, cond, class_context])
+        e = sampling.refinement_guidance(e_u, e_c, e_r, s1, s2)
+        return sampling.ddim_step(x, e, alpha, alpha_prev)
+
+
+@dataclass
+class StepTables:
+    """Per-step inputs of the stage graphs for one request: timesteps (steps,) int64 and the packed
+    scalars (steps, 4) float32 of each stage."""
+
+    timesteps: torch.Tensor
+    fusion: torch.Tensor
+    refinement: torch.Tensor
+
+    def to(self, device) -> "StepTables":
+        return StepTables(self.timesteps.to(device), self.fusion.to(device), self.refinement.to(device))
+
+
+def step_tables(schedule: sampling.DDIMSchedule, guidance_scale: float, reference_guidance_scale: float,
+                fusion_guidance_scale: float, fusion_eta: float, fusion_embedding_scale: float) -> StepTables:
+    n = len(schedule)
+    c_eps, c_noise = sampling.fusion_coefficients(schedule.alpha, schedule.alpha_prev, fusion_eta)
+    ones = torch.ones(n, dtype=torch.float32)
+    fusion = torch.stack([c_eps, c_noise, ones * fusion_guidance_scale, ones * fusion_embedding_scale], 1)
+    refinement = torch.stack([schedule.alpha, schedule.alpha_prev, ones * guidance_scale,
+                              ones * reference_guidance_scale], 1)
+    return StepTables(schedule.timesteps.clone(), fusion, refinement)
