@@ -139,7 +139,7 @@ def load_components(path: Path, promptnet_path: Path | None = None) -> tuple[Com
         clip = _library_load("openclip", CLIPModel.from_pretrained, openclip)
         text_encoder = clip.text_model if text_dir is None else None
         image_encoder = clip.vision_model if image_dir is None else None
-        skip_default = 1  # the released CLIPModel has 24 layers, read at hidden_states[-2]
+        skip_default = 1 if text_dir is None else 0  # openclip tower: hidden_states[-2]; SD2 text_encoder: last
     else:
         text_encoder = image_encoder = None
         skip_default = 0  # a diffusers SD2 text_encoder already stops at the penultimate layer
