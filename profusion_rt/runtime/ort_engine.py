@@ -1,0 +1,118 @@
+"""OrtEngine: an ONNX graph run by onnxruntime with IO binding on the runtime's static buffers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+_ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+              torch.int32: np.int32, torch.bool: np.bool_}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BackendUnavailableError(
+            "onnxruntime is not installed (pip install 'profusion-rt[onnx]', or onnxruntime-gpu for CUDA)"
+        ) from exc
+    return ort
+
+
+def providers_for(device: torch.device) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+
+
+class OrtEngine:
+    """One onnxruntime session. Inputs and outputs are bound to torch tensors by pointer (IO binding), so
+    a call copies nothing. A requested provider that silently fell back to CPU raises
+    :class:`BackendUnavailableError`.
+
+    Weight hot-swap: :meth:`update_weights` re-creates the session with the named initializers overridden
+    (``SessionOptions.add_initializer``); this needs a graph whose weights kept their parameter names (the
+    un-folded ``model.onnx``).
+    """
+
+    graph_capturable = False
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu",
+                 providers: Sequence[str] | None = None, threads: int | None = None):
+        self.ort = import_onnxruntime()
+        self.path = Path(onnx_path)
+        self.device = torch.device(device)
+        self.providers = list(providers or providers_for(self.device))
+        self.threads = threads
+        self._overrides: dict[str, object] = {}
+        self._override_arrays: dict[str, np.ndarray] = {}
+        self.session = self._create_session()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _session_options(self):
+        so = self.ort.SessionOptions()
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Two sessions on few cores fight with idle spinning threads: disable spinning.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
+        so.log_severity_level = 3
+        for name, value in self._overrides.items():
+            so.add_initializer(name, value)
+        return so
+
+    def _create_session(self):
+        sess = self.ort.InferenceSession(str(self.path), sess_options=self._session_options(),
+                                         providers=self.providers)
+        active = sess.get_providers()
+        if self.providers[0] not in active:
+            raise BackendUnavailableError(
+                f"onnxruntime could not use {self.providers[0]} for {self.path.name} (active: {', '.join(active)});"
+                " install onnxruntime-gpu in place of onnxruntime for CUDA"
+            )
+        return sess
+
+    def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool) -> None:
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name}: buffers bound to onnxruntime must be contiguous")
+        dev = "cuda" if tensor.device.type == "cuda" else "cpu"
+        idx = tensor.device.index or 0 if tensor.device.type == "cuda" else 0
+        fn = binding.bind_output if output else binding.bind_input
+        fn(name, dev, idx, _ORT_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            self._bind(binding, name, feeds[name], output=False)
+        for name in self.output_names:
+            self._bind(binding, name, outputs[name], output=True)
+        self.session.run_with_iobinding(binding)
+
+    def initializer_names(self) -> set[str]:
+        import onnx
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        return {init.name for init in model.graph.initializer}
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+        present = self.initializer_names()
+        matched = {k: v for k, v in named_tensors.items() if k in present}
+        if not matched:
+            raise BackendUnavailableError(
+                f"{self.path.name} exposes none of the {len(named_tensors)} weights to swap "
+                "(its initializers were renamed or folded at export); rebuild the session from new weights"
+            )
+        for key, value in matched.items():
+            arr = np.ascontiguousarray(value.detach().cpu().numpy())
+            self._override_arrays[key] = arr  # OrtValues reference this memory: keep it alive
+            self._overrides[key] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+        self.session = self._create_session()
+        logger.info("onnxruntime session %s re-created with %d overridden weights", self.path.name, len(matched))

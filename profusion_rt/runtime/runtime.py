@@ -1,0 +1,289 @@
+"""The lean ProFusion loop over engines, static buffers and (on CUDA) CUDA graphs.
+
+``Runtime`` has the reference pipeline's call signature. Per request it:
+
+1. ``prepare``: the pipeline computes the constants once (reference latent and image tokens, token
+   embeddings and placeholder mask, ∅ and C~ contexts, x_T and all fusion noise, per-step tables);
+2. copies them into static buffers allocated once per shape (batch, steps, fusion steps);
+3. runs the loop: per step, ``fusion_steps`` calls of the fusion-stage engine and one call of the
+   refinement-stage engine, ping-ponging between two latent buffers. Every per-step input is a view into a
+   table already on the device, so the loop has no host synchronisation; the call list is built once per
+   shape. On CUDA with capturable engines the whole loop is captured as one CUDA graph per shape and
+   replayed for later requests;
+4. decodes with the VAE.
+
+Requests of the same shape and sampling parameters batch together (:meth:`Runtime.generate_batch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import InvalidParameterError
+from ..models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT, StepTables
+from ..pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
+from .engine import Engine
+
+logger = logging.getLogger(__name__)
+
+Call = tuple[Engine, dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class StaticBuffers:
+    """Everything the loop reads or writes, allocated once per shape key."""
+
+    key: tuple
+    tensors: dict[str, torch.Tensor]
+    calls: list[Call]
+    final: torch.Tensor  # the buffer holding x after the last call
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+
+
+@dataclass
+class Timings:
+    prepare_s: float = 0.0
+    loop_s: float = 0.0
+    decode_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.prepare_s + self.loop_s + self.decode_s
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runtime:
+    """ProFusion over two stage engines. Build with :meth:`from_pipeline` (or :func:`create_runtime`).
+
+    Thread safety: one runtime serialises its requests with a lock (the static buffers are shared);
+    use one runtime per worker thread for parallelism, or batch requests with :meth:`generate_batch`.
+    """
+
+    def __init__(self, pipe: ProFusionPipeline, fusion_engine: Engine, refinement_engine: Engine,
+                 backend: str, use_cuda_graph: bool | None = None,
+                 decoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.pipe = pipe
+        self.fusion_engine = fusion_engine
+        self.refinement_engine = refinement_engine
+        self.backend = backend
+        self.device = pipe.device
+        self.dtype = pipe.dtype
+        capturable = fusion_engine.graph_capturable and refinement_engine.graph_capturable
+        if use_cuda_graph is None:
+            use_cuda_graph = self.device.type == "cuda" and capturable
+        if use_cuda_graph and (self.device.type != "cuda" or not capturable):
+            raise InvalidParameterError("CUDA graphs need a CUDA device and capturable engines")
+        self.use_cuda_graph = use_cuda_graph
+        self.decoder = decoder
+        self._buffers: dict[tuple, StaticBuffers] = {}
+        self._lock = threading.Lock()
+        self.last_timings = Timings()
+
+    @property
+    def progress_bar(self) -> bool:
+        return self.pipe.progress_bar
+
+    # -- public API --------------------------------------------------------------------------------------
+    def __call__(self, output_type: str = "pil", **kwargs) -> ProFusionOutput:
+        """Same keyword arguments as :meth:`ProFusionPipeline.__call__`."""
+        return self.generate_batch([dict(kwargs, output_type=output_type)])[0]
+
+    def generate_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ProFusionOutput]:
+        """Run several requests; those of the same shape and parameters share one batched loop."""
+        from ..pipeline import OUTPUT_TYPES
+
+        with self._lock:
+            start = time.perf_counter()
+            prepared, output_types = [], []
+            for kw in requests:
+                kw = dict(kw)
+                output_type = kw.pop("output_type", "pil")
+                if output_type not in OUTPUT_TYPES:
+                    raise InvalidParameterError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+                prepared.append(self.pipe.prepare(**kw))
+                output_types.append(output_type)
+            t_prep = time.perf_counter() - start
+            groups: dict[tuple, list[int]] = {}
+            for idx, req in enumerate(prepared):
+                groups.setdefault(self._group_key(req), []).append(idx)
+            results: list[ProFusionOutput | None] = [None] * len(prepared)
+            t_loop = t_dec = 0.0
+            for indices in groups.values():
+                merged = concat_requests([prepared[i] for i in indices])
+                t0 = time.perf_counter()
+                x = self.denoise(merged)
+                _sync(self.device)
+                t1 = time.perf_counter()
+                offset = 0
+                for i in indices:
+                    b = prepared[i].batch
+                    xi = x[offset:offset + b].clone()
+                    offset += b
+                    results[i] = ProFusionOutput(images=self.decode(xi, output_types[i]), latents=xi,
+                                                 seeds=prepared[i].seeds)
+                t_loop += t1 - t0
+                t_dec += time.perf_counter() - t1
+            self.last_timings = Timings(t_prep, t_loop, t_dec)
+            return results  # type: ignore[return-value]
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent" or self.decoder is None:
+            return self.pipe.decode(latents, output_type)
+        from ..image_io import tensor_to_pil
+
+        images = self.decoder(latents).float().cpu()
+        return images.permute(0, 2, 3, 1).numpy() if output_type == "np" else [tensor_to_pil(i) for i in images]
+
+    def warmup(self, **kwargs) -> None:
+        """Run one request so compilation, engine set-up and CUDA-graph capture happen before serving."""
+        from ..demo import demo_reference_image
+
+        kwargs.setdefault("reference_image", demo_reference_image())
+        kwargs.setdefault("prompt", "a {S*}")
+        self(output_type="latent", **kwargs)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _group_key(req: PreparedRequest) -> tuple:
+        return (req.params, req.fusion_steps, req.reference is not None)
+
+    def _shape_key(self, req: PreparedRequest) -> tuple:
+        return (req.batch, len(req.tables.timesteps), req.fusion_steps)
+
+    def _allocate(self, req: PreparedRequest) -> StaticBuffers:
+        b, steps, fusion = self._shape_key(req)
+        dev, dt = self.device, self.dtype
+        emb = req.prompts.embeds
+        tokens_shape = self._image_tokens_shape(b)
+        t = {
+            "x_a": torch.empty_like(req.latents),
+            "x_b": torch.empty_like(req.latents),
+            "ref_latents": torch.empty_like(req.latents),
+            "image_tokens": torch.empty(tokens_shape, device=dev, dtype=dt),
+            "token_embeds": torch.empty_like(emb),
+            "placeholder_mask": torch.empty_like(req.prompts.placeholder_mask),
+            "empty_context": torch.empty_like(emb),
+            "class_context": torch.empty_like(emb),
+            "noise": torch.empty((steps, max(fusion, 1), *req.latents.shape), device=dev, dtype=dt),
+            "timesteps": torch.empty((steps, 1), device=dev, dtype=torch.int64),
+            "fusion_scalars": torch.empty((steps, 4), device=dev, dtype=torch.float32),
+            "refinement_scalars": torch.empty((steps, 4), device=dev, dtype=torch.float32),
+        }
+        const = {k: t[k] for k in ("ref_latents", "image_tokens", "token_embeds", "placeholder_mask", "empty_context")}
+        calls: list[Call] = []
+        cur, nxt = t["x_a"], t["x_b"]
+        for i in range(steps):
+            for r in range(fusion):
+                feeds = dict(const, x=cur, timestep=t["timesteps"][i], scalars=t["fusion_scalars"][i],
+                             noise=t["noise"][i, r])
+                calls.append((self.fusion_engine, feeds, {STAGE_OUTPUT: nxt}))
+                cur, nxt = nxt, cur
+            feeds = dict(const, x=cur, timestep=t["timesteps"][i], scalars=t["refinement_scalars"][i],
+                         class_context=t["class_context"])
+            calls.append((self.refinement_engine, feeds, {STAGE_OUTPUT: nxt}))
+            cur, nxt = nxt, cur
+        for engine, feeds, _ in calls:
+            names = FUSION_INPUTS if engine is self.fusion_engine and "noise" in feeds else REFINEMENT_INPUTS
+            missing = set(names) - set(feeds)
+            assert not missing, missing  # internal invariant: the call list feeds every graph input
+        return StaticBuffers(key=self._shape_key(req), tensors=t, calls=calls, final=cur)
+
+    def _image_tokens_shape(self, batch: int) -> tuple[int, int, int]:
+        cfg = self.pipe.image_encoder.config
+        return (batch, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def _load(self, buf: StaticBuffers, req: PreparedRequest) -> None:
+        """Copy one request's constants into the static buffers (no reallocation)."""
+        t = buf.tensors
+        enc: EncodedPrompts = req.prompts
+        t["x_a"].copy_(req.latents)
+        if req.reference is not None:
+            t["ref_latents"].copy_(req.reference.latents)
+            t["image_tokens"].copy_(req.reference.image_tokens)
+        else:
+            # Plain SD2 request: the placeholder mask is all zeros, so S* (and PromptNet's inputs) are unused.
+            t["ref_latents"].zero_()
+            t["image_tokens"].zero_()
+        t["token_embeds"].copy_(enc.embeds)
+        t["placeholder_mask"].copy_(enc.placeholder_mask)
+        t["empty_context"].copy_(enc.empty)
+        # Without C~ (reference_guidance_scale 0, or no reference) its term is s2 * (e_u - e_u) = 0.
+        t["class_context"].copy_(enc.class_context if req.use_class else enc.empty)
+        if req.fusion_steps:
+            t["noise"].copy_(req.noise)
+        t["timesteps"].copy_(req.tables.timesteps.view(-1, 1))
+        t["fusion_scalars"].copy_(req.tables.fusion)
+        refinement = req.tables.refinement.clone()
+        if not req.use_class:
+            refinement[:, 3] = 0.0
+        t["refinement_scalars"].copy_(refinement)
+
+    def _run_calls(self, buf: StaticBuffers) -> None:
+        for engine, feeds, outputs in buf.calls:
+            engine.run(feeds, outputs)
+
+    def _capture(self, buf: StaticBuffers) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, lazy init, autotuning)
+            self._run_calls(buf)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run_calls(buf)
+        buf.graph = graph
+        logger.info("captured a CUDA graph of %d stage calls for shape %s", len(buf.calls), buf.key)
+
+    @torch.no_grad()
+    def denoise(self, req: PreparedRequest) -> torch.Tensor:
+        key = self._shape_key(req)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = self._allocate(req)
+        self._load(buf, req)
+        if self.use_cuda_graph:
+            if buf.graph is None:
+                self._capture(buf)
+                self._load(buf, req)  # capture ran the loop: restore x_T
+            buf.graph.replay()
+        else:
+            self._run_calls(buf)
+        return buf.final.clone()
+
+
+def concat_requests(reqs: Sequence[PreparedRequest]) -> PreparedRequest:
+    """One batched request from several with identical parameters (the tables are shared)."""
+    if len(reqs) == 1:
+        return reqs[0]
+    first = reqs[0]
+
+    def cat(name_fn):
+        return torch.cat([name_fn(r) for r in reqs], 0)
+
+    ref = None
+    if first.reference is not None:
+        ref = ReferenceEncoding(cat(lambda r: r.reference.latents), cat(lambda r: r.reference.image_tokens))
+    enc = EncodedPrompts(
+        embeds=cat(lambda r: r.prompts.embeds),
+        placeholder_mask=cat(lambda r: r.prompts.placeholder_mask),
+        empty=cat(lambda r: r.prompts.empty),
+        class_context=cat(lambda r: r.prompts.class_context) if first.prompts.class_context is not None else None,
+        has_placeholder=first.prompts.has_placeholder,
+    )
+    plain = cat(lambda r: r.plain_context) if first.plain_context is not None else None
+    return PreparedRequest(
+        params=first.params, seeds=[s for r in reqs for s in r.seeds], fusion_steps=first.fusion_steps,
+        use_class=first.use_class, reference=ref, prompts=enc, plain_context=plain,
+        latents=cat(lambda r: r.latents), noise=torch.cat([r.noise for r in reqs], 2), tables=first.tables,
+    )
