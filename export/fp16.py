@@ -1,0 +1,115 @@
+"""The float16 variant of a graph: float16 weights and activations, float32 where SD2 needs it.
+
+What is kept in float32, and why:
+
+* **GroupNorm and LayerNorm** (every resnet block, every transformer block, the text encoder's layers
+  and final norm): their mean/variance reductions over thousands of float16 values overflow or lose the
+  variance; they run on float32 inputs with float32 weights and cast the result back to float16.
+* **Attention of models configured with ``upcast_attention``** (SD2-768's UNet and PromptNet): diffusers'
+  SDPA processor ignores that flag, so those attention layers get :class:`UpcastAttnProcessor`, which
+  computes the scores, softmax and weighted sum in float32. SD2-base (``upcast_attention=False``) keeps
+  float16 attention, as it is run in diffusers (TensorRT's fused attention accumulates in float32).
+  diffusers' classic ``AttnProcessor`` is *not* used: its ``baddbmm`` on an empty tensor bakes a
+  (heads x B, L, L) constant into the graph, with the export batch frozen in it.
+* **The graphs' float32 inputs**: ``scalars`` and ``embedding_scale`` stay float32 inputs; timestep
+  embeddings are computed in float32 by diffusers before the cast; the CLIP preprocessing of the image
+  encoder runs in float32.
+
+This is done on a float16 *copy* of the torch module before export (so the exported ONNX carries the
+casts, and TensorRT builds it as a strongly typed network that keeps them). The pipeline's own float32
+networks are not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["to_mixed_fp16", "Fp32GroupNorm", "Fp32LayerNorm", "UpcastAttnProcessor"]
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype; returns the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype; returns the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+_NORMS = {nn.GroupNorm: Fp32GroupNorm, nn.LayerNorm: Fp32LayerNorm}
+
+
+def to_mixed_fp16(module: nn.Module) -> nn.Module:
+    """A float16 copy of ``module`` with the float32 islands described in the module docstring. The
+    copy is made tensor by tensor in float16 (the float32 weights are not duplicated as a whole)."""
+    memo: dict[int, object] = {}
+    # Deep-copy the structure but give every floating tensor of non-norm modules a float16 copy directly.
+    norm_ids = {id(m) for m in module.modules() if type(m) in _NORMS}
+    for m in module.modules():
+        keep32 = id(m) in norm_ids
+        for p in m.parameters(recurse=False):
+            if id(p) in memo:
+                continue
+            data = p.detach().clone() if keep32 or not p.is_floating_point() else p.detach().to(torch.float16)
+            memo[id(p)] = nn.Parameter(data, requires_grad=False)
+        for b in m.buffers(recurse=False):
+            if id(b) in memo:
+                continue
+            memo[id(b)] = b.clone() if keep32 or not b.is_floating_point() else b.to(torch.float16)
+    half = copy.deepcopy(module, memo)
+    n_norms = n_attn = 0
+    for m in half.modules():
+        if type(m) in _NORMS:
+            m.__class__ = _NORMS[type(m)]
+            n_norms += 1
+        if _is_diffusers_attention(m) and getattr(m, "upcast_attention", False):
+            m.set_processor(UpcastAttnProcessor())
+            n_attn += 1
+    logger.debug("fp16 copy: %d norms and %d attention layers kept in float32", n_norms, n_attn)
+    return half.eval()
+
+
+class UpcastAttnProcessor:
+    """Attention in float32 for diffusers ``Attention`` layers of the transformer blocks (token sequences,
+    no mask, no group/spatial norm: what SD2's UNet and PromptNet use). Projections stay float16."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if (attention_mask is not None or hidden_states.ndim != 3 or getattr(attn, "group_norm", None) is not None
+                or getattr(attn, "spatial_norm", None) is not None or getattr(attn, "norm_q", None) is not None
+                or getattr(attn, "residual_connection", False) or getattr(attn, "norm_cross", None)):
+            raise NotImplementedError("UpcastAttnProcessor covers the plain transformer-block attention only")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        heads = attn.heads
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        # (B, L, heads * d) -> (B, heads, L, d) without reading the batch size (keeps it symbolic)
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2).float() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = out.transpose(1, 2).flatten(2).to(hidden_states.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return out / attn.rescale_output_factor
+
+
+def _is_diffusers_attention(m: nn.Module) -> bool:
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(m, Attention)
