@@ -1,0 +1,81 @@
+"""safetensors files written atomically, read with typed errors.
+
+A file is written to a temporary name in its destination folder, flushed to disk and moved into place with
+``os.replace``: a reader (or a crash, or Ctrl-C) never sees a half-written file, and an existing file of
+the same name stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError, OutputPathError
+
+logger = logging.getLogger(__name__)
+
+
+def save_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` (moved to the CPU, made contiguous) and string ``metadata`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(data, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        raise
+    logger.debug("wrote %s (%d tensors)", target, len(data))
+    return target
+
+
+def _open(path: str | os.PathLike, error: type[ModelLoadError], what: str, with_tensors: bool):
+    from safetensors import safe_open
+
+    source = Path(path)
+    if not source.is_file():
+        raise error(f"{what} {source} does not exist" if not source.exists() else f"{what} {source} is not a file")
+    try:
+        with safe_open(str(source), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"cannot read {what} {source}: {first}") from exc
+    return tensors, metadata
+
+
+def read(path: str | os.PathLike, error: type[ModelLoadError] = ModelLoadError,
+         what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; ``error`` (one line, naming the file) if unreadable."""
+    return _open(path, error, what, with_tensors=True)
+
+
+def read_metadata(path: str | os.PathLike, error: type[ModelLoadError] = ModelLoadError,
+                  what: str = "file") -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    return _open(path, error, what, with_tensors=False)[1]
+
+
+def json_field(metadata: dict[str, str], key: str, source: Path, error: type[ModelLoadError]) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, ValueError) as exc:
+        raise error(f"{source} has no valid {key!r} metadata") from exc
