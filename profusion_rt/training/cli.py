@@ -1,0 +1,195 @@
+"""``profusion-rt pretrain``, ``profusion-rt customize`` and ``profusion-rt apply-delta``.
+
+Inputs are checked before any model is loaded (data folder, image, output folder, checkpoint); every error
+is a :class:`~profusion_rt.errors.ProFusionError` (one line, exit status 2). Ctrl-C during training saves a
+checkpoint, prints where, and exits with status 130. Training hyper-parameters left unset on the command
+line come from the checkpoint when resuming, else from the paper's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DELTA_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: command-line option -> TrainConfig field
+_CONFIG_ARGS = {"batch_size": "batch_size", "lr": "learning_rate", "weight_decay": "weight_decay",
+                "max_grad_norm": "max_grad_norm", "precision": "precision",
+                "gradient_checkpointing": "gradient_checkpointing", "ema_decay": "ema_decay", "seed": "seed"}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="preset name (tiny, sd2-base, sd2-768) or model folder")
+    p.add_argument("--promptnet", default=None, help="separate PromptNet folder (with a plain SD2 --model)")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of a preset")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+
+
+def _train_args(p: argparse.ArgumentParser, steps: int, batch: int) -> None:
+    p.add_argument("--out", required=True, help="output folder (model/, checkpoints/, ...)")
+    p.add_argument("--steps", type=int, default=steps, help=f"total training steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per step (default {batch})")
+    p.add_argument("--lr", type=float, default=None, help="constant learning rate (default 2e-5)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-2)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0)")
+    p.add_argument("--precision", choices=_PRECISIONS, default=None,
+                   help="autocast: auto (bf16 or fp16 on CUDA, fp32 on CPU), fp32, fp16 (CUDA), bf16")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (saves memory)")
+    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.9999)")
+    p.add_argument("--seed", type=int, default=None, help="seed of data order, noise and augmentations (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints of this run to keep")
+    p.add_argument("--resume", default=None, help="checkpoint file, or folder holding checkpoints, to continue")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs in a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="pre-train PromptNet on an image folder")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="image folder (with --group-by-subject: one sub-folder per subject)")
+    p.add_argument("--group-by-subject", action="store_true",
+                   help="draw each reference from the target's sub-folder instead of using the target itself")
+    _train_args(p, steps=1000, batch=8)
+    p.set_defaults(handler=cmd_pretrain)
+
+    p = subparsers.add_parser("customize", help="customize PromptNet and the UNet's attention on one photo")
+    _model_args(p)
+    p.add_argument("--image", required=True, help="photo of the subject")
+    p.add_argument("--num-augmentations", type=int, default=31, help="augmented copies of the photo (default 31)")
+    p.add_argument("--fill", choices=("border", "reflection", "mean"), default="border",
+                   help="simple fill of the area uncovered by an augmentation (without --inpaint-model)")
+    p.add_argument("--inpaint-model", default=None, help="diffusers SD2-inpainting folder to fill that area instead")
+    p.add_argument("--inpaint-prompt", default="", help="prompt of the inpainting model")
+    p.add_argument("--delta-dtype", choices=tuple(_DELTA_DTYPES), default="fp32", help="dtype of the delta file")
+    p.add_argument("--no-model", action="store_true", help="write only the delta, not the full model folder")
+    p.add_argument("--final-checkpoint", action="store_true", help="also write a checkpoint at the end")
+    _train_args(p, steps=100, batch=4)
+    p.set_defaults(handler=cmd_customize)
+
+    p = subparsers.add_parser("apply-delta", help="write base model + subject delta as a full model folder")
+    _model_args(p)
+    p.add_argument("--delta", required=True, help="delta file (subject.delta.safetensors)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--no-check", action="store_true", help="skip the base-model fingerprint check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.set_defaults(handler=cmd_apply_delta)
+
+
+def _config(args: argparse.Namespace, mode: str):
+    """TrainConfig from the checkpoint (when resuming) or the defaults, with the options given on top."""
+    from .checkpoint import read_checkpoint_state
+    from .errors import CheckpointError
+    from .trainer import TrainConfig
+
+    base = TrainConfig() if mode == "pretrain" else TrainConfig.customization()
+    if args.resume is not None:
+        source, state = read_checkpoint_state(args.resume)
+        base = TrainConfig.from_dict(state.get("config", {}))
+        if base.mode != mode:
+            raise CheckpointError(f"{source} is a checkpoint of a {base.mode} run, not of {mode}")
+        args.resume = str(source)
+    given = {field: getattr(args, arg) for arg, field in _CONFIG_ARGS.items() if getattr(args, arg) is not None}
+    config = dataclasses.replace(base, **given)
+    config.validate()
+    return config
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    from ..errors import InvalidParameterError
+
+    for name in ("steps", "checkpoint_every", "keep_checkpoints"):
+        value, low = getattr(args, name), 1 if name != "checkpoint_every" else 0
+        if value < low:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _load(args: argparse.Namespace):
+    from ..cli import load_pipeline
+
+    return load_pipeline(args.model, args.promptnet, args.device, "fp32", args.weights_seed)
+
+
+def _summary(result, what: str) -> int:
+    train = result.train
+    if train.interrupted:
+        where = f"checkpoint saved to {train.checkpoint} (continue with --resume {train.checkpoint})" \
+            if train.checkpoint else "no checkpoint written"
+        print(f"interrupted at step {train.step}; {where}", file=sys.stderr)
+        return 130
+    window = max(1, min(10, len(train.losses) // 2))
+    first, last = train.losses[:window], train.losses[-window:]
+    print(f"{what}: {train.step} steps in {train.seconds:.1f} s; loss (mean of {window}) "
+          f"{sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}")
+    if result.model_dir is not None:
+        print(f"wrote model {result.model_dir}")
+    if result.delta_path is not None:
+        print(f"wrote delta {result.delta_path} ({result.delta_path.stat().st_size / 1e6:.1f} MB)")
+    if train.checkpoint is not None:
+        print(f"wrote checkpoint {train.checkpoint}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .data import SubjectImageDataset, list_images
+    from .jobs import MODEL_DIR, prepare_output_dir, pretrain
+
+    _check_counts(args)
+    config = _config(args, "pretrain")
+    images, subjects = list_images(args.data, args.group_by_subject)
+    prepare_output_dir(args.out, (MODEL_DIR,), args.overwrite, args.resume is not None)
+    pipe = _load(args)
+    dataset = SubjectImageDataset(images, pipe.resolution, subjects=subjects, root=Path(args.data).expanduser())
+    result = pretrain(pipe, dataset, args.out, args.steps, config, overwrite=args.overwrite, resume=args.resume,
+                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                      progress=not args.no_progress)
+    return _summary(result, "pretrain")
+
+
+def cmd_customize(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import InvalidParameterError
+    from ..image_io import load_image
+    from .jobs import DELTA_NAME, MODEL_DIR, customize, prepare_output_dir
+
+    _check_counts(args)
+    if args.num_augmentations < 0:
+        raise InvalidParameterError(f"--num-augmentations must be >= 0, got {args.num_augmentations}")
+    config = _config(args, "customize")
+    image = load_image(args.image)
+    outputs = (DELTA_NAME,) if args.no_model else (MODEL_DIR, DELTA_NAME)
+    prepare_output_dir(args.out, outputs, args.overwrite, args.resume is not None)
+    inpainter = None
+    if args.inpaint_model is not None:
+        from .augment import load_inpainter
+
+        inpainter = load_inpainter(args.inpaint_model, args.device, args.inpaint_prompt, seed=config.seed)
+    pipe = _load(args)
+    result = customize(
+        pipe, image, args.out, args.steps, config, num_augmentations=args.num_augmentations, fill=args.fill,
+        inpainter=inpainter, overwrite=args.overwrite, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, final_checkpoint=args.final_checkpoint,
+        progress=not args.no_progress, delta_dtype=getattr(torch, _DELTA_DTYPES[args.delta_dtype]),
+        save_model=not args.no_model,
+    )
+    return _summary(result, "customize")
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> int:
+    from ..errors import OutputPathError
+    from .delta import apply_delta, load_delta
+
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise OutputPathError(f"{out} exists and is not an empty folder (pass --overwrite to replace it)")
+    delta = load_delta(args.delta)
+    pipe = _load(args)
+    apply_delta(pipe, delta, check=not args.no_check)
+    pipe.save_pretrained(out, overwrite=args.overwrite)
+    print(f"wrote model {out} (base + {len(delta.tensors)} delta tensors)")
+    return 0
