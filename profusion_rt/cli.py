@@ -103,8 +103,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.image is not None:
         load_image(args.image)  # fail fast on a bad file, before loading any model
     pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
+    if args.backend == "eager":
+        if args.artifacts is not None:
+            raise ProFusionError("--artifacts is used by the runtime backends; pick one with --backend")
+        generate = pipe
+    else:
+        from .runtime import create_runtime
+
+        generate = create_runtime(pipe, args.backend, artifacts=args.artifacts,
+                                  **({"precision": args.precision} if args.precision else {}))
+        if args.delta is not None:
+            seconds = generate.apply_delta(args.delta)
+            print(f"applied {args.delta} in {seconds * 1000:.1f} ms")
     start = time.perf_counter()
-    result = pipe(output_type="pil", **sampling_kwargs(args))
+    result = generate(output_type="pil", **sampling_kwargs(args))
     elapsed = time.perf_counter() - start
     for path, image in zip(output_paths(Path(args.out), len(result.images)), result.images):
         save_image(image, path)
@@ -158,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--out", default="out.png", help="output image (several: out-0.png, out-1.png, ...)")
+    p.add_argument("--backend", default="eager",
+                   choices=["eager", "torch", "torch-compile", "onnxruntime", "tensorrt"],
+                   help="eager: the reference pipeline; the others run the lean runtime loop")
+    p.add_argument("--artifacts", default=None, help="artifact folder written by `profusion-rt export` "
+                   "(onnxruntime, tensorrt)")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="precision of the exported artifacts to use (default fp32; tensorrt fp16)")
+    p.add_argument("--delta", default=None, help="customization delta to hot-swap in (profusion-rt customize)")
 
     p = sub.add_parser("info", help="components, parameters and FLOPs per network")
     add_model_args(p)
@@ -168,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (after one warm-up call)")
 
     for extra in _extra_parsers():
         extra(sub)

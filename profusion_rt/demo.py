@@ -1,20 +1,26 @@
 """``profusion-rt demo``: the README's main job on the embedded tiny preset (random weights).
 
-Generates one ProFusion image from scikit-image's bundled astronaut photo with the eager reference
-pipeline, writes it, and prints the timing. (The runtime issue extends this with export, every available
-backend and a parity and speed table.)
+1. exports the tiny model's fused stage graphs (and the VAE decoder) to ONNX, validated against PyTorch;
+2. runs every available backend on the same seed, each in its own process (eager reference, fused eager
+   torch, torch.compile, onnxruntime, TensorRT when present), with one warm-up call and repeated timed
+   runs;
+3. writes each backend's image, and prints and writes a parity and speed table against the eager
+   reference (``demo_table.md``, ``demo_results.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import platform
 import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a {S*} wearing sunglasses, oil painting"
+BACKEND_ORDER = ("eager", "torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
 def demo_reference_image():
@@ -28,23 +34,111 @@ def demo_reference_image():
 
         logger.warning("scikit-image is not installed; using a synthetic reference image")
         y, x = np.mgrid[0:256, 0:256]
-        arr = np.stack([x, y, (x + y) // 2], -1).astype("uint8")
-        return Image.fromarray(arr)
+        return Image.fromarray(np.stack([x, y, (x + y) // 2], -1).astype("uint8"))
     return Image.fromarray(data.astronaut())
 
 
+def export_demo_artifacts(pipe, root: Path) -> list:
+    from export.cache import export_artifacts
+
+    graphs = ["fusion_stage", "refinement_stage"]
+    return export_artifacts(pipe, root, graphs=graphs, progress=True, validate=True, batch=1,
+                            dynamic_batch=(1, 4), exporter="legacy")
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| backend | status | first call (s) | median (s) | min-max (s) | speed-up vs eager | loop (s) | "
+            "latent max rel. err | pixels within 1/255 | PSNR (dB) | peak RSS (MB) |")
+    lines = [head, "|" + " --- |" * 11]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"| {r['name']} | skipped: {r['reason']} |" + " |" * 9)
+            continue
+        p = r.get("parity") or {}
+        psnr = p.get("psnr_db")
+        lines.append(
+            f"| {r['name']} | {r['status']} | {r['first_call_s']:.2f} | {r['median_s']:.2f} | "
+            f"{r['min_s']:.2f}-{r['max_s']:.2f} | {r['speedup']:.2f}x | {r['loop_s']:.2f} | "
+            f"{p.get('latent_max_rel', 0):.2e} | {100 * p.get('pixel_match', 1):.2f}% | "
+            f"{'inf' if psnr is None or psnr == float('inf') else f'{psnr:.1f}'} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from benchmarks.runner import run_in_subprocess
     from .image_io import save_image
     from .pipeline import ProFusionPipeline
+    from .runtime import available_backends
+    from .runtime.parity import compare
 
-    out = Path(args.out)
-    pipe = ProFusionPipeline.from_preset("tiny", seed=0)
-    reference = demo_reference_image()
+    out = Path(args.out).resolve()
+    artifacts = out / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(demo_reference_image(), out / "reference.png")
+
+    print(f"[1/3] exporting the tiny preset's stage graphs to ONNX (validated) -> {artifacts}")
     start = time.perf_counter()
-    result = pipe(reference_image=reference, prompt=DEMO_PROMPT, num_inference_steps=args.steps, seed=args.seed)
-    elapsed = time.perf_counter() - start
-    path = save_image(result.images[0], out / "profusion_tiny_eager.png")
-    save_image(reference, out / "reference.png")
-    print(f"eager reference: {args.steps} steps with 1 fusion step in {elapsed:.2f} s")
-    print(f"image written to {path.resolve()}")
-    return 0
+    pipe = ProFusionPipeline.from_preset("tiny", seed=0)
+    reports = export_demo_artifacts(pipe, artifacts)
+    for rep in reports:
+        print("      " + rep.summary())
+    print(f"      export took {time.perf_counter() - start:.1f} s")
+
+    available = available_backends("cpu", artifacts)
+    available["eager"] = ""
+    request = {"prompt": DEMO_PROMPT, "num_inference_steps": args.steps, "seed": args.seed, "fusion_steps": 1}
+    threads = torch.get_num_threads()
+    print(f"[2/3] running every backend in its own process: {args.steps} steps, 1 fusion step, seed {args.seed}, "
+          f"{args.repeats} timed runs after one warm-up, {threads} threads")
+    results = {}
+    for name in BACKEND_ORDER:
+        reason = available.get(name, "unknown backend")
+        if reason:
+            results[name] = {"name": name, "ok": False, "reason": reason}
+            print(f"      {name}: skipped ({reason})")
+            continue
+        job = {"backend": name, "name": name, "model": "tiny", "request": request, "artifacts": str(artifacts),
+               "warmup": 0, "repeats": args.repeats, "out": str(out / "runs"), "threads": threads}
+        res = run_in_subprocess(job)
+        if not res.ok:
+            results[name] = {"name": name, "ok": False, "reason": res.reason}
+            print(f"      {name}: FAILED ({res.reason})")
+            continue
+        results[name] = {"name": name, "ok": True, **res.result, "_latents": res.latents, "_images": res.images}
+        print(f"      {name}: median {res.result['median_s']:.2f} s (first call {res.result['first_call_s']:.2f} s)")
+
+    eager = results["eager"]
+    if not eager["ok"]:
+        print(f"error: the eager reference failed: {eager['reason']}")
+        return 1
+    failures = 0
+    for r in results.values():
+        if not r["ok"]:
+            continue
+        parity = compare(torch.from_numpy(r["_latents"]), torch.from_numpy(eager["_latents"]),
+                         r["_images"], eager["_images"])
+        r["parity"] = parity.__dict__
+        r["status"] = "reference" if r is eager else ("parity ok" if parity.ok() else "PARITY FAILED")
+        failures += r["status"] == "PARITY FAILED"
+        r["speedup"] = eager["median_s"] / r["median_s"]
+        r["loop_s"] = float(np.median([run["loop_s"] for run in r["runs"]]))
+        save_image(r["_images"][0], out / f"profusion_tiny_{r['name']}.png")
+
+    rows = [results[n] for n in BACKEND_ORDER]
+    table = format_table(rows)
+    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs, torch {torch.__version__}"
+    header = (f"ProFusion on the tiny preset (random weights), {args.steps} steps with 1 fusion step, batch 1, "
+              f"seed {args.seed}; {machine}; median of {args.repeats} runs after one warm-up call, end to end "
+              "(prepare + loop + decode); every backend in its own process.\n\n")
+    (out / "demo_table.md").write_text(header + table + "\n")
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    (out / "demo_results.json").write_text(json.dumps({"machine": machine, "request": request, "results": clean},
+                                                      indent=2, default=str))
+    print("[3/3] parity and speed against the eager reference:\n")
+    print(table)
+    print(f"\nimage written to {out / 'profusion_tiny_eager.png'} (one per backend beside it)")
+    print(f"table written to {out / 'demo_table.md'}")
+    return 1 if failures else 0

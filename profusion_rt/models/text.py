@@ -10,7 +10,6 @@ and the final norm are called directly.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -22,11 +21,15 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device | str) -> 
     return torch.triu(mask, diagonal=1)[None, None]
 
 
-@lru_cache(maxsize=None)
+_TAKES_CAUSAL: dict[type, bool] = {}
+
+
 def _layer_takes_causal_mask(layer_cls: type) -> bool:
     # transformers 4.x: layer(hidden, attention_mask, causal_attention_mask) -> tuple
     # transformers 5.x: layer(hidden, attention_mask) -> tensor
-    return "causal_attention_mask" in inspect.signature(layer_cls.forward).parameters
+    if layer_cls not in _TAKES_CAUSAL:
+        _TAKES_CAUSAL[layer_cls] = "causal_attention_mask" in inspect.signature(layer_cls.forward).parameters
+    return _TAKES_CAUSAL[layer_cls]
 
 
 def run_text_layers(text_encoder: nn.Module, hidden: torch.Tensor, skip_layers: int) -> torch.Tensor:

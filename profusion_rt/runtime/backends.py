@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..artifacts.store import model_hash
 from ..errors import BackendUnavailableError, InvalidParameterError
 from ..models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, FusionStage, RefinementStage
 from ..pipeline import ProFusionPipeline
@@ -39,24 +40,58 @@ def _torch_compile(pipe: ProFusionPipeline, artifacts: Path | None = None, compi
 
 
 def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp32",
-                 batch: int = 1, **_) -> tuple[Engine, Engine]:
+                 **_) -> tuple[Engine, Engine]:
     from .ort_engine import OrtEngine
 
     if artifacts is None:
         raise InvalidParameterError("the onnxruntime backend needs an artifact folder (profusion-rt export)")
-    paths = [find_onnx(pipe, artifacts, g, precision, batch) for g in ("fusion_stage", "refinement_stage")]
-    return OrtEngine(paths[0], device=pipe.device), OrtEngine(paths[1], device=pipe.device)
+    engines, digest = [], model_hash(pipe)
+    for graph in ("fusion_stage", "refinement_stage"):
+        entry = select_artifact(artifacts, digest, graph, precision)
+        engines.append(OrtEngine(entry.opt_onnx_path or entry.onnx_path, device=pipe.device,
+                                 batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
+    return engines[0], engines[1]
 
 
 def _tensorrt(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp16",
-              batch: int = 1, **_) -> tuple[Engine, Engine]:
+              **_) -> tuple[Engine, Engine]:
     from .trt_engine import TrtEngine, require_tensorrt
 
-    require_tensorrt()
+    trt = require_tensorrt()
     if artifacts is None:
         raise InvalidParameterError("the tensorrt backend needs an artifact folder (profusion-rt export --backend tensorrt)")
-    plans = [find_plan(pipe, artifacts, g, precision, batch) for g in ("fusion_stage", "refinement_stage")]
-    return TrtEngine(plans[0], device=pipe.device), TrtEngine(plans[1], device=pipe.device)
+    gpu = torch.cuda.get_device_name(pipe.device)
+    cc = torch.cuda.get_device_capability(pipe.device)
+    engines, digest = [], model_hash(pipe)
+    for graph in ("fusion_stage", "refinement_stage"):
+        entry = select_artifact(artifacts, digest, graph, precision)
+        plan = entry.plan_path(gpu, trt.__version__, cc)
+        if plan is None:
+            raise BackendUnavailableError(
+                f"no TensorRT plan of {graph} for {gpu} and TensorRT {trt.__version__} in {entry.path}; "
+                "build it with `profusion-rt export --backend tensorrt`")
+        engines.append(TrtEngine(plan, device=pipe.device, onnx_path=entry.opt_onnx_path or entry.onnx_path,
+                                 batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
+    return engines[0], engines[1]
+
+
+def select_artifact(root: Path, digest: str, graph: str, precision: str):
+    """The intact exported artifact of ``graph`` for exactly these weights (by model hash), preferring a
+    dynamic batch axis; :class:`ModelLoadError` naming what is missing otherwise."""
+    from ..artifacts.store import ArtifactStore
+    from ..errors import ModelLoadError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelLoadError(f"artifact folder {root} does not exist")
+    entries = [e for e in ArtifactStore(root).entries(digest, verify="hash")
+               if e.graph == graph and e.precision == precision]
+    if not entries:
+        raise ModelLoadError(
+            f"no intact {precision} '{graph}' artifact for these weights (model {digest}) in {root}; "
+            f"run `profusion-rt export --model ... --out {root} --precision {precision}`")
+    entries.sort(key=lambda e: (e.dynamic_batch is None, -(e.dynamic_batch or (0, e.batch))[1]))
+    return entries[0]
 
 
 BACKENDS: dict[str, EngineFactory] = {
@@ -65,18 +100,6 @@ BACKENDS: dict[str, EngineFactory] = {
     "onnxruntime": _onnxruntime,
     "tensorrt": _tensorrt,
 }
-
-
-def find_onnx(pipe, artifacts: Path, graph: str, precision: str, batch: int) -> Path:
-    from ..artifacts import store
-
-    return store.locate_onnx(Path(artifacts), pipe, graph, precision, batch)
-
-
-def find_plan(pipe, artifacts: Path, graph: str, precision: str, batch: int) -> Path:
-    from ..artifacts import store
-
-    return store.locate_plan(Path(artifacts), pipe, graph, precision, batch)
 
 
 def available_backends(device: torch.device | str = "cpu", artifacts: Path | None = None) -> dict[str, str]:

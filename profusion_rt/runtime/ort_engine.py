@@ -46,13 +46,16 @@ class OrtEngine:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu",
-                 providers: Sequence[str] | None = None, threads: int | None = None):
+                 providers: Sequence[str] | None = None, threads: int | None = None,
+                 batch_range: tuple[int, int] | None = None):
         self.ort = import_onnxruntime()
         self.path = Path(onnx_path)
         self.device = torch.device(device)
         self.providers = list(providers or providers_for(self.device))
         self.threads = threads
+        self.batch_range = batch_range
         self._overrides: dict[str, object] = {}
+        self._weight_map: dict[str, tuple[str, bool, np.dtype]] | None = None
         self._override_arrays: dict[str, np.ndarray] = {}
         self.session = self._create_session()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -96,23 +99,72 @@ class OrtEngine:
             self._bind(binding, name, outputs[name], output=True)
         self.session.run_with_iobinding(binding)
 
-    def initializer_names(self) -> set[str]:
-        import onnx
+    needs_base_values = True
 
-        model = onnx.load(str(self.path), load_external_data=False)
-        return {init.name for init in model.graph.initializer}
-
-    def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
-        present = self.initializer_names()
-        matched = {k: v for k, v in named_tensors.items() if k in present}
-        if not matched:
-            raise BackendUnavailableError(
-                f"{self.path.name} exposes none of the {len(named_tensors)} weights to swap "
-                "(its initializers were renamed or folded at export); rebuild the session from new weights"
-            )
-        for key, value in matched.items():
-            arr = np.ascontiguousarray(value.detach().cpu().numpy())
-            self._override_arrays[key] = arr  # OrtValues reference this memory: keep it alive
-            self._overrides[key] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor],
+                       base: Mapping[str, torch.Tensor] | None = None) -> None:
+        if self._weight_map is None:
+            if base is None:
+                raise ValueError("the first weight swap of an onnxruntime engine needs the base values")
+            self._weight_map = weight_map(self.path, base)
+        for key, value in named_tensors.items():
+            target = self._weight_map.get(key)
+            if target is None:
+                continue
+            init_name, transposed, dtype = target
+            arr = value.detach().float().cpu().numpy()
+            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False)
+            self._override_arrays[init_name] = arr  # OrtValues reference this memory: keep it alive
+            self._overrides[init_name] = self.ort.OrtValue.ortvalue_from_numpy(arr)
         self.session = self._create_session()
-        logger.info("onnxruntime session %s re-created with %d overridden weights", self.path.name, len(matched))
+        logger.info("onnxruntime session %s re-created with %d overridden weights", self.path.name,
+                    len(self._overrides))
+
+
+def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, bool, np.dtype]]:
+    """Locate each named base weight among a graph's initializers: by name when the exporter kept it, else
+    by content (exporters store linear weights transposed under generated names). Weights the graph folded
+    away or does not use are left out; a content match shared by weights with different roles is an error
+    only if it cannot be resolved by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    by_name: dict[str, np.ndarray] = {}
+    by_content: dict[tuple, list[str]] = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        by_name[init.name] = arr
+        if arr.dtype.kind == "f" and arr.size > 1:
+            by_content.setdefault(_content_key(arr.astype(np.float32)), []).append(init.name)
+    out: dict[str, tuple[str, bool, np.dtype]] = {}
+    unresolved = []
+    for key, value in base.items():
+        ref = value.detach().float().cpu().numpy()
+        arr = by_name.get(key)
+        if arr is not None and arr.shape == ref.shape:
+            out[key] = (key, False, arr.dtype)
+            continue
+        found = None
+        for transposed, cand in ((False, ref), (True, ref.T if ref.ndim == 2 else None)):
+            if cand is None:
+                continue
+            names = by_content.get(_content_key(np.ascontiguousarray(cand)))
+            if names:
+                if len(names) > 1:
+                    unresolved.append(key)
+                found = (names[0], transposed, by_name[names[0]].dtype)
+                break
+        if found is not None:
+            out[key] = found
+    if unresolved:
+        logger.warning("%d weights of %s have identical values under several initializers; the first is "
+                       "overridden (e.g. %s)", len(unresolved), Path(onnx_path).name, unresolved[0])
+    logger.info("%s: %d of %d swappable weights located", Path(onnx_path).name, len(out), len(base))
+    return out
+
+
+def _content_key(arr: np.ndarray) -> tuple:
+    import hashlib
+
+    return arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()

@@ -119,7 +119,7 @@ class Runtime:
                 groups.setdefault(self._group_key(req), []).append(idx)
             results: list[ProFusionOutput | None] = [None] * len(prepared)
             t_loop = t_dec = 0.0
-            for indices in groups.values():
+            for indices in self._chunks(groups.values(), prepared):
                 merged = concat_requests([prepared[i] for i in indices])
                 t0 = time.perf_counter()
                 x = self.denoise(merged)
@@ -136,6 +136,33 @@ class Runtime:
                 t_dec += time.perf_counter() - t1
             self.last_timings = Timings(t_prep, t_loop, t_dec)
             return results  # type: ignore[return-value]
+
+    def apply_delta(self, delta) -> float:
+        """Hot-swap a customization delta (a path or a loaded ``Delta``) without rebuilding engines.
+
+        The pipeline's weights are updated in place (the torch engines share them, so compiled code and
+        captured CUDA graphs stay valid); every other engine gets the new values through
+        ``update_weights`` (TensorRT refit, onnxruntime session re-creation with overridden initializers).
+        Returns the seconds the swap took."""
+        from ..training.delta import apply_delta, delta_parameters, load_delta
+
+        with self._lock:
+            start = time.perf_counter()
+            if not hasattr(delta, "tensors"):
+                delta = load_delta(delta)
+            params = delta_parameters(self.pipe)
+            base = {k: p.detach().clone() for k, p in params.items()} if self._needs_base_values() else None
+            apply_delta(self.pipe, delta.to(self.device))
+            new_values = {k: p.detach() for k, p in params.items()}
+            for engine in {id(e): e for e in (self.fusion_engine, self.refinement_engine)}.values():
+                engine.update_weights(new_values, base)
+            _sync(self.device)
+            elapsed = time.perf_counter() - start
+            logger.info("delta applied to the %s runtime in %.1f ms", self.backend, elapsed * 1000)
+            return elapsed
+
+    def _needs_base_values(self) -> bool:
+        return any(getattr(e, "needs_base_values", False) for e in (self.fusion_engine, self.refinement_engine))
 
     def decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent" or self.decoder is None:
@@ -154,6 +181,33 @@ class Runtime:
         self(output_type="latent", **kwargs)
 
     # -- the loop ------------------------------------------------------------------------------------------
+    @property
+    def batch_range(self) -> tuple[int, int] | None:
+        ranges = [r for r in (self.fusion_engine.batch_range, self.refinement_engine.batch_range) if r]
+        if not ranges:
+            return None
+        return max(r[0] for r in ranges), min(r[1] for r in ranges)
+
+    def _chunks(self, groups, prepared: Sequence[PreparedRequest]) -> list[list[int]]:
+        """Split each group of compatible requests into batches the engines accept."""
+        limits = self.batch_range
+        out: list[list[int]] = []
+        for indices in groups:
+            chunk, size = [], 0
+            for i in indices:
+                b = prepared[i].batch
+                if limits is not None and not limits[0] <= b <= limits[1]:
+                    raise InvalidParameterError(
+                        f"the {self.backend} engines accept batches of {limits[0]} to {limits[1]} images, "
+                        f"a request asked for {b}; export with a wider --dynamic-batch range")
+                if chunk and limits is not None and size + b > limits[1]:
+                    out.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(i)
+                size += b
+            out.append(chunk)
+        return out
+
     @staticmethod
     def _group_key(req: PreparedRequest) -> tuple:
         return (req.params, req.fusion_steps, req.reference is not None)

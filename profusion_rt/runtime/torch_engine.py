@@ -20,6 +20,7 @@ class TorchEngine:
     """
 
     graph_capturable = True
+    batch_range = None  # any batch
 
     def __init__(self, module: nn.Module, input_names: Sequence[str], output_name: str = "x_out",
                  compile: bool = False, compile_mode: str | None = None, name: str | None = None):
@@ -35,9 +36,12 @@ class TorchEngine:
         out = self._fn(*(feeds[n] for n in self.input_names))
         outputs[self.output_name].copy_(out)
 
-    @torch.no_grad()
-    def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor], base=None) -> None:
+        """Nothing to do when the runtime already updated the shared modules in place; otherwise copy the
+        named values (``"<module>.<parameter>"`` names of the stage module) into the parameters."""
         params = dict(self.module.named_parameters())
-        for key, value in named_tensors.items():
-            if key in params:
-                params[key].copy_(value)
+        with torch.no_grad():
+            for key, value in named_tensors.items():
+                target = params.get(key)
+                if target is not None and target.data_ptr() != value.data_ptr():
+                    target.copy_(value)

@@ -56,8 +56,12 @@ class TrtEngine:
     graph_capturable = True  # execute_async_v3 enqueues kernels only
     name = "tensorrt"
 
-    def __init__(self, plan_path: str | Path, device: str | torch.device = "cuda"):
+    def __init__(self, plan_path: str | Path, device: str | torch.device = "cuda",
+                 batch_range: tuple[int, int] | None = None, onnx_path: str | Path | None = None):
         trt = require_tensorrt()
+        self.batch_range = batch_range
+        self.onnx_path = None if onnx_path is None else Path(onnx_path)
+        self._weight_map = None
         self.trt = trt
         self.device = torch.device(device)
         self.path = Path(plan_path)
@@ -90,13 +94,33 @@ class TrtEngine:
         if not self.context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT execution of {self.path.name} failed")
 
-    def update_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+    needs_base_values = True
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor],
+                       base: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Refit: TensorRT names refittable weights after the ONNX initializers, located as for
+        onnxruntime (:func:`~profusion_rt.runtime.ort_engine.weight_map`)."""
+        import numpy as np
+
+        from .ort_engine import weight_map
+
         if not self.engine.refittable:
             raise BackendUnavailableError(f"{self.path.name} was not built refittable (export with --refittable)")
+        if self.onnx_path is None:
+            raise BackendUnavailableError(f"{self.path.name}: no ONNX file to locate the weights to refit")
+        if self._weight_map is None:
+            if base is None:
+                raise ValueError("the first refit needs the base values")
+            self._weight_map = weight_map(self.onnx_path, base)
         refitter = self.trt.Refitter(self.engine, self.logger)
         keep = []
-        for name, value in named_tensors.items():
-            arr = value.detach().cpu().contiguous().numpy()
+        for key, value in named_tensors.items():
+            target = self._weight_map.get(key)
+            if target is None:
+                continue
+            name, transposed, dtype = target
+            arr = value.detach().float().cpu().numpy()
+            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False)
             keep.append(arr)
             refitter.set_named_weights(name, self.trt.Weights(arr))
         if not refitter.refit_cuda_engine():
