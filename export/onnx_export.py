@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from profusion_rt.artifacts.specs import GraphSpec
-from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD, move_into_place, staging_dir
+from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD, _file_mode, move_into_place, staging_dir
 from profusion_rt.errors import InvalidParameterError, ProFusionError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 EXPORTERS = ("dynamo", "legacy")
 MIN_OPSET = 18
 
+_FILE_MODE = _file_mode()
 _ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 
@@ -100,22 +101,68 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: Mapping[str, 
             except Exception as exc:  # exporter failures are many and untyped
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportError(f"{spec.name}: {exporter} export failed: {type(exc).__name__}: {first}") from exc
-        import onnx
-
-        model = onnx.load(str(raw), load_external_data=True)
+        model, data_file = _load_exported(raw)
         _conform(spec, model, example, dynamic_batch)
         model.producer_name = "profusion-rt"
         for key, value in {"graph": spec.name, "spec_hash": spec.spec_hash(), "exporter": exporter,
                            **(metadata or {})}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = str(key), str(value)
-        files, size, external = save_model(model, tmp / "final", path.name)
+        if data_file is not None:
+            # large model: keep the exporter's single data file as is (no second copy of the weights in memory)
+            files, size, external = _save_keeping_data(model, data_file, tmp / "final", path.name)
+        else:
+            files, size, external = save_model(model, tmp / "final", path.name)
         del model
         move_into_place({tmp / "final" / f: path.parent / f for f in sorted(files, key=lambda f: f == path.name)})
     seconds = time.perf_counter() - start
     logger.info("%s: exported with %s in %.1f s (%.1f MB%s)", spec.name, exporter, seconds, size / 1e6,
                 ", external data" if external else "")
     return ExportInfo(path, files, seconds, size, external)
+
+
+def _external_locations(model: Any) -> dict[str, int]:
+    """location -> bytes referenced, over the initializers stored outside the model file."""
+    out: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.data_location == 1:  # TensorProto.EXTERNAL
+            info = {e.key: e.value for e in init.external_data}
+            out[info["location"]] = out.get(info["location"], 0) + int(info.get("length", 0))
+    return out
+
+
+def _load_exported(raw: Path) -> tuple[Any, Path | None]:
+    """Load the exporter's file. Returns (model, data file) with the weights left on disk when they are
+    over 2 GB and already in one external file; else (model with every weight loaded, None)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(str(raw), load_external_data=False)
+    locations = _external_locations(model)
+    if len(locations) == 1 and sum(locations.values()) >= EXTERNAL_DATA_THRESHOLD:
+        return model, raw.parent / next(iter(locations))
+    if locations:
+        load_external_data_for_model(model, str(raw.parent))
+    return model, None
+
+
+def _save_keeping_data(model: Any, data_file: Path, folder: Path, name: str) -> tuple[list[str], int, bool]:
+    """Save the model file with its external references renamed to ``<name>.data`` and move the data file."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    new_location = f"{name}.data"
+    for init in model.graph.initializer:
+        if init.data_location == 1:
+            for e in init.external_data:
+                if e.key == "location":
+                    e.value = new_location
+    os.replace(data_file, folder / new_location)
+    onnx.save_model(model, str(folder / name))
+    for f in (name, new_location):
+        os.chmod(folder / f, _FILE_MODE)
+    files = [name, new_location]
+    return files, sum((folder / f).stat().st_size for f in files), True
 
 
 def model_weight_bytes(model: Any) -> int:
@@ -149,6 +196,8 @@ def save_model(model: Any, folder: Path, name: str) -> tuple[list[str], int, boo
     else:
         onnx.save_model(model, str(target))
         files = [name]
+    for f in files:  # onnx writes external data with mode 0600; give every file the same, umask-based mode
+        os.chmod(folder / f, _FILE_MODE)
     return files, sum((folder / f).stat().st_size for f in files), external
 
 

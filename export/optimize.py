@@ -42,11 +42,16 @@ def polygraphy_quiet() -> None:
 
 
 def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None) -> OptimizeInfo:
-    """Fold constants (with shape inference between passes), run shape inference on the result, and save
-    it as ``dst`` (external data over 2 GB). ``batch_axes`` (name -> axis, for a symbolic batch): shape
-    inference may name an output's batch dimension by an expression such as ``floor(1.0*B)``; it is set
-    back to ``B``."""
+    """Shape inference, constant folding, shape inference again; saved as ``dst`` (external data over
+    2 GB). ``batch_axes`` (name -> axis, for a symbolic batch): shape inference may name an output's batch
+    dimension by an expression such as ``floor(1.0*B)``; it is set back to ``B``.
+
+    Shape inference always runs on the model *without its weights* (initializers keep their dims, the
+    bytes stay on disk), so a 3.5 GB UNet is not serialized to a temporary file for every folding pass as
+    polygraphy does for models over 2 GB; folding itself needs the weights and gets them.
+    """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from polygraphy.backend.onnx import fold_constants, infer_shapes
 
     polygraphy_quiet()
@@ -55,30 +60,41 @@ def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None
 
         onnxruntime.set_default_logger_severity(3)
     start = time.perf_counter()
-    model = onnx.load(str(src), load_external_data=True)
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
     before = len(model.graph.node)
     metadata = {p.key: p.value for p in model.metadata_props}
     producer = model.producer_name
-    model = fold_constants(model, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
     model = infer_shapes(model, error_ok=True)
+    load_external_data_for_model(model, str(src.parent))
+    model = fold_constants(model, do_shape_inference=False, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
     after = len(model.graph.node)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with staging_dir(dst.parent) as tmp:
+        files, size, external = save_model(model, tmp, dst.name)
+        del model
+        # final shape inference on the saved model file alone (weights not loaded)
+        model = onnx.load(str(tmp / dst.name), load_external_data=False)
+        model = infer_shapes(model, error_ok=True)
+        _fix_batch_dims(model, batch_axes)
+        # graphsurgeon drops the model's metadata: carry it over, and say what was done
+        model.producer_name = producer
+        del model.metadata_props[:]
+        for key, value in {**metadata, "optimized": "polygraphy infer_shapes + fold_constants + infer_shapes"}.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(model, str(tmp / dst.name))
+        size = sum((tmp / f).stat().st_size for f in files)
+        move_into_place({tmp / f: dst.parent / f for f in sorted(files, key=lambda f: f == dst.name)})
+    seconds = time.perf_counter() - start
+    logger.info("optimized %s: %d -> %d nodes in %.1f s", dst, before, after, seconds)
+    return OptimizeInfo(dst, files, seconds, size, external, before, after)
+
+
+def _fix_batch_dims(model, batch_axes: dict[str, int] | None) -> None:
     for vi in (*model.graph.input, *model.graph.output):
         axis = (batch_axes or {}).get(vi.name)
         if axis is not None:
             d = vi.type.tensor_type.shape.dim[axis]
             if not d.HasField("dim_value"):
                 d.dim_param = "B"
-    # graphsurgeon drops the model's metadata: carry it over, and say what was done
-    model.producer_name = producer
-    del model.metadata_props[:]
-    for key, value in {**metadata, "optimized": "polygraphy fold_constants + infer_shapes"}.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    dst = Path(dst)
-    with staging_dir(dst.parent) as tmp:
-        files, size, external = save_model(model, tmp, dst.name)
-        del model
-        move_into_place({tmp / f: dst.parent / f for f in sorted(files, key=lambda f: f == dst.name)})
-    seconds = time.perf_counter() - start
-    logger.info("optimized %s: %d -> %d nodes in %.1f s", dst, before, after, seconds)
-    return OptimizeInfo(dst, files, seconds, size, external, before, after)

@@ -1,10 +1,9 @@
 """Fixtures of the export tests: the tiny graphs are exported ONCE per session (legacy TorchScript
 exporter for speed, the image encoder through dynamo, symbolic batch 1..4, validated at batch 1 and 2)
-into a temporary artifact root that the tests read."""
+into a temporary artifact root that the tests read. (tests/conftest.py keeps torch at one thread: on the
+shared 2-core machine two threads make the exports and the torch references up to 10x slower.)"""
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 
@@ -16,32 +15,12 @@ pytest.importorskip("polygraphy")
 SHARED_OPTIONS = dict(exporter="legacy", batch=1, dynamic_batch=(1, 4), validate=True, validation_seed=1234)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """On a shared 2-core machine torch's OpenMP pool is up to 10x slower with 2 threads than with 1."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="session")
 def tiny_export(tiny_pipe, tmp_path_factory):
-    """(root, {graph: GraphReport}) of every graph exported from the tiny pipeline."""
+    """(root, builder, {graph: GraphReport}) of every graph exported from the tiny pipeline."""
     from export.cache import ArtifactBuilder, ExportOptions
 
     root = tmp_path_factory.mktemp("artifacts")
-    with torch_threads(1):
-        builder = ArtifactBuilder(tiny_pipe, root, ExportOptions(**SHARED_OPTIONS))
-        reports = builder.run(progress=False, strict=False)
+    builder = ArtifactBuilder(tiny_pipe, root, ExportOptions(**SHARED_OPTIONS))
+    reports = builder.run(progress=False, strict=False)
     return root, builder, {r.graph: r for r in reports}
