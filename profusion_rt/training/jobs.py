@@ -28,7 +28,7 @@ from ..errors import InvalidParameterError, OutputPathError
 from .augment import FILL_MODES, Inpainter, customization_images
 from .data import SubjectImageDataset, derive_seed
 from .delta import save_delta
-from .trainer import Trainer, TrainConfig, TrainResult
+from .trainer import Trainer, TrainConfig, TrainResult, check_steps
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ def prepare_output_dir(out_dir: str | os.PathLike, outputs: tuple[str, ...], ove
     return out
 
 
-def _check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidParameterError(f"steps must be an integer >= 1, got {steps!r}")
-
-
 def _train(pipe, dataset: SubjectImageDataset, config: TrainConfig, steps: int, out: Path | None,
            resume: str | os.PathLike | None, checkpoint_every: int, keep_checkpoints: int, final_checkpoint: bool,
            progress: bool, callback, data_fingerprint: str | None,
@@ -111,7 +106,7 @@ def pretrain(pipe, data: str | os.PathLike | SubjectImageDataset, out_dir: str |
     if config.mode != "pretrain":
         raise InvalidParameterError(f"pretrain needs a config with mode='pretrain', got {config.mode!r}")
     config.validate()
-    _check_steps(steps)
+    check_steps(steps)
     out = prepare_output_dir(out_dir, (MODEL_DIR,), overwrite, resume is not None) if out_dir is not None else None
     dataset = data if isinstance(data, SubjectImageDataset) else SubjectImageDataset.from_folder(
         data, pipe.resolution, group_by_subject=group_by_subject)
@@ -146,7 +141,7 @@ def customize(pipe, image, out_dir: str | os.PathLike | None = None, steps: int 
     if config.mode != "customize":
         raise InvalidParameterError(f"customize needs a config with mode='customize', got {config.mode!r}")
     config.validate()
-    _check_steps(steps)
+    check_steps(steps)
     if fill not in FILL_MODES:
         raise InvalidParameterError(f"fill must be one of {', '.join(FILL_MODES)}, got {fill!r}")
     outputs = (MODEL_DIR, DELTA_NAME) if save_model else (DELTA_NAME,)

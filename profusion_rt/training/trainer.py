@@ -133,6 +133,11 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
 
 
+def check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidParameterError(f"steps must be an integer >= 1, got {steps!r}")
+
+
 def trainable_parameters(pipe, mode: str) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters by delta key: PromptNet ("pretrain"), plus the UNet's attention q/k/v ("customize")."""
     params = delta_parameters(pipe)
@@ -370,8 +375,7 @@ class Trainer:
         ``keep_checkpoints`` that this run wrote are kept. ``callback(trainer, loss)`` runs after each step."""
         from tqdm.auto import tqdm
 
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise InvalidParameterError(f"steps must be an integer >= 1, got {total_steps!r}")
+        check_steps(total_steps)
         if total_steps < self.step:
             raise InvalidParameterError(f"steps ({total_steps}) is below the resumed step {self.step}")
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
