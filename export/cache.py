@@ -218,10 +218,13 @@ class ArtifactBuilder:
             info = optimize_onnx(folder / ONNX_FILE, folder / OPT_ONNX_FILE,
                                  spec.batch_axes() if o.dynamic_batch is not None else None)
             self._record(manifest, folder, "optimize", info.files, key=opt_key, seconds=info.seconds,
-                         nodes=[info.nodes_before, info.nodes_after], external_data=info.external_data)
+                         nodes=[info.nodes_before, info.nodes_after], external_data=info.external_data,
+                         uses=info.shared_data)
             status.update({f: "ok" for f in info.files})
             report.stages["optimize"], report.seconds["optimize"] = "built", info.seconds
-        opt_sha = {f: manifest["files"][f]["sha256"] for f in stages["optimize"]["files"]}
+        # everything the optimized model reads: its own files and the data file it may share with model.onnx
+        opt_inputs = [*stages["optimize"]["files"], *stages["optimize"].get("uses", [])]
+        opt_sha = {f: manifest["files"][f]["sha256"] for f in opt_inputs}
 
         # 3. validation on onnxruntime
         if o.validate:
@@ -229,7 +232,7 @@ class ArtifactBuilder:
 
         # 4. TensorRT plan
         if o.backend == "tensorrt":
-            self._build_plan(spec, folder, manifest, status, report, note)
+            self._build_plan(spec, folder, manifest, status, report, note, opt_sha)
 
         report.sizes = {f: int(r["size"]) for f, r in manifest["files"].items()}
         return report
@@ -289,7 +292,7 @@ class ArtifactBuilder:
         report.stages["validate"], report.seconds["validate"] = "built", seconds
         report.checks += rows
 
-    def _build_plan(self, spec, folder, manifest, status, report, note) -> None:
+    def _build_plan(self, spec, folder, manifest, status, report, note, opt_sha) -> None:
         from profusion_rt.artifacts.store import ArtifactEntry, plan_filename
 
         trt_mod, gpu, version = self._trt
@@ -297,7 +300,7 @@ class ArtifactBuilder:
         shapes = trt_mod.profile_shapes(spec, self.dims, o.batch, o.dynamic_batch)
         options = trt_mod.build_options(o.precision, o.refittable, o.optimization_level)
         opt_file = folder / OPT_ONNX_FILE
-        key = trt_mod.plan_key(manifest["files"][OPT_ONNX_FILE]["sha256"], version, gpu, options, shapes)
+        key = trt_mod.plan_key(stage_key(**opt_sha), version, gpu, options, shapes)
         name = plan_filename(gpu.name, version, gpu.compute_capability)
         plans = manifest["stages"].setdefault("plans", {})
         rec = plans.get(name)
@@ -307,7 +310,7 @@ class ArtifactBuilder:
             note("tensorrt")
             rec = trt_mod.build_plan(opt_file, folder, spec, self.dims, o.batch, o.precision, o.dynamic_batch,
                                      o.refittable, trt_mod.timing_cache_path(self.root, gpu, version),
-                                     o.optimization_level)
+                                     o.optimization_level, onnx_key=stage_key(**opt_sha))
             rec["files"] = [rec.pop("file")]
             plans[name] = rec
             manifest["files"][name] = file_record(folder / name)

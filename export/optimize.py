@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from profusion_rt.artifacts.store import move_into_place, staging_dir
@@ -32,29 +32,41 @@ class OptimizeInfo:
     external_data: bool
     nodes_before: int
     nodes_after: int
+    #: external data files of the source model that the optimized model reads (shared, not copied)
+    shared_data: list[str] = field(default_factory=list)
 
 
 def polygraphy_quiet() -> None:
-    """polygraphy logs to stdout at INFO; keep it to warnings unless debugging."""
-    from polygraphy.logger import G_LOGGER
+    """polygraphy logs to stdout at INFO; keep it to warnings unless debugging (and drop its one-time
+    advice to install ``colored`` printed on first import)."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.VERBOSE if logger.isEnabledFor(logging.DEBUG) else G_LOGGER.WARNING
 
 
 def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None) -> OptimizeInfo:
-    """Shape inference, constant folding, shape inference again; saved as ``dst`` (external data over
-    2 GB). ``batch_axes`` (name -> axis, for a symbolic batch): shape inference may name an output's batch
+    """Shape inference, constant folding, shape inference again; saved as ``dst``.
+
+    ``batch_axes`` (name -> axis, for a symbolic batch): shape inference may name an output's batch
     dimension by an expression such as ``floor(1.0*B)``; it is set back to ``B``.
 
-    Shape inference always runs on the model *without its weights* (initializers keep their dims, the
-    bytes stay on disk), so a 3.5 GB UNet is not serialized to a temporary file for every folding pass as
-    polygraphy does for models over 2 GB; folding itself needs the weights and gets them.
+    Memory: a model whose weights are in an external data file (over 2 GB) is optimized *without loading
+    them*. The external initializers are turned into graph inputs for the folding (so nothing that depends
+    on a weight is folded: the exporters already folded weight transposes and casts) and put back
+    afterwards, still pointing at the source's data file, which the optimized model then shares (``dst``
+    must be in the same folder). Loading them would cost two to three copies of the weights: the
+    sd2-base fusion stage (6.3 GB of weights) ran out of 24 GB that way. Shape inference always runs on
+    the model without weight bytes, so polygraphy never serializes a 3.5 GB model to a temporary file
+    for each folding pass. Smaller models are folded with their weights in memory.
     """
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
-    from polygraphy.backend.onnx import fold_constants, infer_shapes
 
     polygraphy_quiet()
+    from polygraphy.backend.onnx import fold_constants, infer_shapes
+
     with contextlib.suppress(ImportError):  # polygraphy folds with onnxruntime, which warns on stderr
         import onnxruntime
 
@@ -65,30 +77,80 @@ def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None
     before = len(model.graph.node)
     metadata = {p.key: p.value for p in model.metadata_props}
     producer = model.producer_name
-    model = infer_shapes(model, error_ok=True)
-    load_external_data_for_model(model, str(src.parent))
+    shared = sorted(_external_locations(model))
+    if shared and src.resolve().parent != dst.resolve().parent:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(src.parent))  # cannot share: fold with the weights loaded
+        shared = []
+    model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
+    hidden = _hide_external_weights(model) if shared else {}
     model = fold_constants(model, do_shape_inference=False, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
+    if hidden:
+        _restore_weights(model, hidden)
+    model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
     after = len(model.graph.node)
+    _fix_batch_dims(model, batch_axes)
+    # graphsurgeon drops the model's metadata: carry it over, and say what was done
+    model.producer_name = producer
+    del model.metadata_props[:]
+    for key, value in {**metadata, "optimized": "polygraphy infer_shapes + fold_constants + infer_shapes"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     dst.parent.mkdir(parents=True, exist_ok=True)
     with staging_dir(dst.parent) as tmp:
-        files, size, external = save_model(model, tmp, dst.name)
+        if shared:
+            onnx.save_model(model, str(tmp / dst.name))  # weights stay where they are
+            files, external = [dst.name], True
+            size = (tmp / dst.name).stat().st_size
+        else:
+            files, size, external = save_model(model, tmp, dst.name)
         del model
-        # final shape inference on the saved model file alone (weights not loaded)
-        model = onnx.load(str(tmp / dst.name), load_external_data=False)
-        model = infer_shapes(model, error_ok=True)
-        _fix_batch_dims(model, batch_axes)
-        # graphsurgeon drops the model's metadata: carry it over, and say what was done
-        model.producer_name = producer
-        del model.metadata_props[:]
-        for key, value in {**metadata, "optimized": "polygraphy infer_shapes + fold_constants + infer_shapes"}.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save_model(model, str(tmp / dst.name))
-        size = sum((tmp / f).stat().st_size for f in files)
         move_into_place({tmp / f: dst.parent / f for f in sorted(files, key=lambda f: f == dst.name)})
     seconds = time.perf_counter() - start
     logger.info("optimized %s: %d -> %d nodes in %.1f s", dst, before, after, seconds)
-    return OptimizeInfo(dst, files, seconds, size, external, before, after)
+    return OptimizeInfo(dst, files, seconds, size, external, before, after, shared)
+
+
+def _external_locations(model) -> set[str]:
+    locations = set()
+    for init in model.graph.initializer:
+        if init.data_location == 1:  # TensorProto.EXTERNAL
+            locations.update(e.value for e in init.external_data if e.key == "location")
+    return locations
+
+
+def _hide_external_weights(model) -> dict[str, object]:
+    """Move the initializers stored in external data to graph inputs; return them by name."""
+    from onnx import helper
+
+    hidden = {}
+    keep = []
+    for init in model.graph.initializer:
+        if init.data_location == 1:
+            hidden[init.name] = init
+        else:
+            keep.append(init)
+    if not hidden:
+        return hidden
+    copies = {name: type(t)() for name, t in hidden.items()}
+    for name, t in hidden.items():
+        copies[name].CopyFrom(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for name, t in copies.items():
+        model.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return copies
+
+
+def _restore_weights(model, hidden: dict[str, object]) -> None:
+    """Undo :func:`_hide_external_weights` for the weights still used."""
+    used = {i for node in model.graph.node for i in node.input}
+    used |= {o.name for o in model.graph.output}
+    inputs = [vi for vi in model.graph.input if vi.name not in hidden]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(t for name, t in hidden.items() if name in used)
 
 
 def _fix_batch_dims(model, batch_axes: dict[str, int] | None) -> None:

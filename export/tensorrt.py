@@ -104,6 +104,9 @@ def profile_shapes(spec: GraphSpec, dims: Mapping[str, int], batch: int,
 
 def make_profile(shapes: Mapping[str, tuple[tuple[int, ...], ...]]):
     """A polygraphy ``Profile`` (needs polygraphy, not TensorRT)."""
+    from .optimize import polygraphy_quiet
+
+    polygraphy_quiet()
     from polygraphy.backend.trt import Profile
 
     profile = Profile()
@@ -134,6 +137,9 @@ def build_options(precision: str, refittable: bool = False, optimization_level: 
 def create_config(options: Mapping[str, Any], shapes: Mapping[str, tuple[tuple[int, ...], ...]],
                   timing_cache: str | Path | None = None):
     """polygraphy ``CreateConfig`` for ``options`` (from :func:`build_options`) and one profile."""
+    from .optimize import polygraphy_quiet
+
+    polygraphy_quiet()
     from polygraphy.backend.trt import CreateConfig
 
     kwargs: dict[str, Any] = dict(
@@ -170,14 +176,18 @@ def timing_cache_path(root: str | Path, gpu: GpuInfo, trt_version_: str) -> Path
 # -- needs TensorRT --------------------------------------------------------------------------------------
 def build_plan(onnx_path: Path, out_dir: Path, spec: GraphSpec, dims: Mapping[str, int], batch: int,
                precision: str, dynamic_batch: tuple[int, int] | None = None, refittable: bool = False,
-               timing_cache: Path | None = None, optimization_level: int | None = None) -> dict[str, Any]:
-    """Build and save a plan for this GPU; returns its manifest record (file name under ``"file"``)."""
+               timing_cache: Path | None = None, optimization_level: int | None = None,
+               onnx_key: str | None = None) -> dict[str, Any]:
+    """Build and save a plan for this GPU; returns its manifest record (file name under ``"file"``).
+    ``onnx_key``: the hash of everything the ONNX file reads (its bytes and external data); default: the
+    sha256 of the file."""
+    onnx_key = onnx_key or file_digest(onnx_path)
     trt = require_tensorrt()
-    from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
-
     from .optimize import polygraphy_quiet
 
     polygraphy_quiet()
+    from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
+
     gpu = current_gpu()
     version = str(trt.__version__)
     options = build_options(precision, refittable, optimization_level)
@@ -195,7 +205,7 @@ def build_plan(onnx_path: Path, out_dir: Path, spec: GraphSpec, dims: Mapping[st
     logger.info("%s: TensorRT %s plan for %s built in %.1f s", spec.name, precision, gpu.name, seconds)
     return {
         "file": name,
-        "key": plan_key(file_digest(onnx_path), version, gpu, options, shapes),
+        "key": plan_key(onnx_key, version, gpu, options, shapes),
         "gpu": gpu.name,
         "compute_capability": list(gpu.compute_capability),
         "tensorrt": version,

@@ -61,8 +61,11 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def ort_session(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
-    """An onnxruntime session with intra-op spinning off (two sessions on two cores otherwise fight)."""
+def ort_session(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                low_memory: bool = False):
+    """An onnxruntime session with intra-op spinning off (two sessions on two cores otherwise fight).
+    ``low_memory``: no pre-packed copies of the weights (validation of multi-GB graphs next to the torch
+    model; slower kernels do not matter there)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -72,6 +75,9 @@ def ort_session(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecuti
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
+    if low_memory:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(str(path), so, providers=list(providers))
     missing = [p for p in providers if p not in sess.get_providers()]
     if missing:  # onnxruntime falls back to CPU silently
@@ -141,7 +147,7 @@ def validate_onnx(spec: GraphSpec, pipe: Any, onnx_path: str | os.PathLike, prec
     nothing for a mismatch (see :func:`raise_on_failure`)."""
     seed = fresh_seed() if seed is None else int(seed)
     module = module if module is not None else spec.build_module(pipe)
-    sess = ort_session(onnx_path)
+    sess = ort_session(onnx_path, low_memory=True)
     checks = []
     for i, batch in enumerate(batches):
         feeds, ref_feeds = draw_inputs(spec, pipe, batch, seed + i, precision)

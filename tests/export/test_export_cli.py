@@ -55,3 +55,15 @@ def test_export_command_without_tensorrt(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "TensorRT is not installed" in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("PROFUSION_EXPORT_FULL"),
+                    reason="the exact default command (dynamo exporter, every graph) takes about 100 s on 2 cores; "
+                           "set PROFUSION_EXPORT_FULL=1 to run it")
+def test_the_done_when_command(tmp_path, capsys):
+    """``profusion-rt export --model tiny --validate`` with every default."""
+    rc = main(["export", "--model", "tiny", "--out", str(tmp_path), "--validate", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("| ok |") == 10  # 9 graphs, vae_encoder has 2 outputs
