@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (after one warm-up call)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch / onnxruntime threads per backend process (default: all cores; use 1 on a busy "
+                        "machine, where torch's OpenMP pool can run many times slower)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated subset of eager,torch,torch-compile,onnxruntime,tensorrt (default: all)")
 
     for extra in _extra_parsers():
         extra(sub)

@@ -90,18 +90,25 @@ def run_demo(args: argparse.Namespace) -> int:
     available = available_backends("cpu", artifacts)
     available["eager"] = ""
     request = {"prompt": DEMO_PROMPT, "num_inference_steps": args.steps, "seed": args.seed, "fusion_steps": 1}
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
+    wanted = BACKEND_ORDER if not args.backends else tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    for name in wanted:
+        if name not in BACKEND_ORDER:
+            from .errors import InvalidParameterError
+
+            raise InvalidParameterError(f"unknown backend {name!r} in --backends; choose from {', '.join(BACKEND_ORDER)}")
     print(f"[2/3] running every backend in its own process: {args.steps} steps, 1 fusion step, seed {args.seed}, "
           f"{args.repeats} timed runs after one warm-up, {threads} threads")
     results = {}
     for name in BACKEND_ORDER:
-        reason = available.get(name, "unknown backend")
+        reason = available.get(name, "unknown backend") if name in wanted or name == "eager" else "not requested"
         if reason:
             results[name] = {"name": name, "ok": False, "reason": reason}
             print(f"      {name}: skipped ({reason})")
             continue
         job = {"backend": name, "name": name, "model": "tiny", "request": request, "artifacts": str(artifacts),
-               "warmup": 0, "repeats": args.repeats, "out": str(out / "runs"), "threads": threads}
+               "warmup": 0, "repeats": args.repeats, "out": str(out / "runs"), "threads": threads,
+               "ort_threads": threads}
         res = run_in_subprocess(job)
         if not res.ok:
             results[name] = {"name": name, "ok": False, "reason": res.reason}

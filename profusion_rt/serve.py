@@ -1254,9 +1254,12 @@ class Server:
         return delta.to(self.pipe.device)
 
     def _start_customization(self, subject_id: str, image, steps: int, mode: str, seed: int, name: str | None):
-        active = [j for j in self.subjects.jobs.values() if j.status in ("queued", "training")]
+        jobs = list(self.subjects.jobs.values())
+        active = [j for j in jobs if j.status in ("queued", "training")]
         if len(active) >= self.config.max_customize_jobs:
             raise QueueFullError(f"{len(active)} customizations are queued or running already; retry later")
+        for old in sorted((j for j in jobs if j.status == "failed"), key=lambda j: j.created)[:-100]:
+            self.subjects.jobs.pop(old.id, None)  # keep the last 100 failures to report
         job = CustomizationJob(subject_id, "queued", steps)
         self.subjects.jobs[subject_id] = job
         self._customizer.submit(self._customize, job, image, mode, seed, name)

@@ -76,6 +76,21 @@ def build_scheduler(cfg: dict[str, Any]) -> Any:
     return DDIMScheduler.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
+def _break_constant_parameters(nets: dict[str, nn.Module], seed: int) -> None:
+    """Give every parameter that default initialisation leaves constant (norm scales of 1, biases of 0) a
+    small seeded perturbation. Trained checkpoints never have two weights with identical values; random
+    models that do are unrealistic, and ONNX exporters merge identical initializers, which would hide which
+    weight is which (the runtime's weight hot-swap locates weights in exported graphs)."""
+    g = torch.Generator().manual_seed(seed + 0x9E37)
+    with torch.no_grad():
+        for net in nets.values():
+            for param in net.parameters():
+                flat = param.reshape(-1)
+                if flat.numel() > 1 and bool((flat == flat[0]).all()):
+                    noise = torch.randn(param.shape, generator=g, dtype=torch.float32) * 0.02
+                    param.add_(noise.to(param.dtype))
+
+
 def build_components(preset: Preset, seed: int = 0, device: str | torch.device = "cpu") -> Components:
     """All components of ``preset`` with random weights drawn from ``seed`` (the global RNG state is left
     untouched). ``device="meta"`` builds shapes only, for parameter and FLOP counting."""
@@ -92,6 +107,8 @@ def build_components(preset: Preset, seed: int = 0, device: str | torch.device =
             "image_encoder": build_image_encoder(preset.image_encoder),
             "promptnet": build_promptnet(preset.promptnet),
         }
+    if not meta:
+        _break_constant_parameters(nets, seed)
     for net in nets.values():
         net.eval().requires_grad_(False)
         if not meta:

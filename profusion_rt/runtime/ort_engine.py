@@ -55,7 +55,7 @@ class OrtEngine:
         self.threads = threads
         self.batch_range = batch_range
         self._overrides: dict[str, object] = {}
-        self._weight_map: dict[str, tuple[str, bool, np.dtype]] | None = None
+        self._weight_map: dict[str, tuple] | None = None
         self._override_arrays: dict[str, np.ndarray] = {}
         self.session = self._create_session()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -68,6 +68,11 @@ class OrtEngine:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
         so.log_severity_level = 3
+        if self._overrides:
+            # At ORT_ENABLE_ALL the CPU layout transformer (NCHWc) re-packs convolution weights from the
+            # file's values, ignoring overridden initializers (measured: a swapped conv weight had no
+            # effect); the extended level keeps overrides exact.
+            so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         for name, value in self._overrides.items():
             so.add_initializer(name, value)
         return so
@@ -111,9 +116,9 @@ class OrtEngine:
             target = self._weight_map.get(key)
             if target is None:
                 continue
-            init_name, transposed, dtype = target
+            init_name, transposed, dtype, shape = target
             arr = value.detach().float().cpu().numpy()
-            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False)
+            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False).reshape(shape)
             self._override_arrays[init_name] = arr  # OrtValues reference this memory: keep it alive
             self._overrides[init_name] = self.ort.OrtValue.ortvalue_from_numpy(arr)
         self.session = self._create_session()
@@ -121,31 +126,34 @@ class OrtEngine:
                     len(self._overrides))
 
 
-def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, bool, np.dtype]]:
-    """Locate each named base weight among a graph's initializers: by name when the exporter kept it, else
-    by content (exporters store linear weights transposed under generated names). Weights the graph folded
-    away or does not use are left out; a content match shared by weights with different roles is an error
-    only if it cannot be resolved by name."""
+def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, bool, np.dtype, tuple]]:
+    """Locate each named base weight among the initializers a graph's nodes actually use: by name when the
+    exporter kept it, else by content, flattened (exporters store linear weights transposed, and norm
+    scales reshaped, under generated names). Returns key -> (initializer, transposed, dtype, shape).
+    Weights the graph does not use are left out; a content match shared by several initializers cannot
+    be resolved and raises."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path))
+    used = {name for node in model.graph.node for name in node.input}
     by_name: dict[str, np.ndarray] = {}
     by_content: dict[tuple, list[str]] = {}
     for init in model.graph.initializer:
+        if init.name not in used:
+            continue
         arr = numpy_helper.to_array(init)
         by_name[init.name] = arr
         if arr.dtype.kind == "f" and arr.size > 1:
             by_content.setdefault(_content_key(arr.astype(np.float32)), []).append(init.name)
-    out: dict[str, tuple[str, bool, np.dtype]] = {}
+    out: dict[str, tuple[str, bool, np.dtype, tuple]] = {}
     unresolved = []
     for key, value in base.items():
         ref = value.detach().float().cpu().numpy()
         arr = by_name.get(key)
-        if arr is not None and arr.shape == ref.shape:
-            out[key] = (key, False, arr.dtype)
+        if arr is not None and arr.size == ref.size:
+            out[key] = (key, False, arr.dtype, arr.shape)
             continue
-        found = None
         for transposed, cand in ((False, ref), (True, ref.T if ref.ndim == 2 else None)):
             if cand is None:
                 continue
@@ -153,13 +161,14 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, t
             if names:
                 if len(names) > 1:
                     unresolved.append(key)
-                found = (names[0], transposed, by_name[names[0]].dtype)
+                out[key] = (names[0], transposed, by_name[names[0]].dtype, by_name[names[0]].shape)
                 break
-        if found is not None:
-            out[key] = found
     if unresolved:
-        logger.warning("%d weights of %s have identical values under several initializers; the first is "
-                       "overridden (e.g. %s)", len(unresolved), Path(onnx_path).name, unresolved[0])
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"{len(unresolved)} weights of {Path(onnx_path).name} share their values with other initializers "
+            f"(e.g. {unresolved[0]}), so they cannot be swapped in place; rebuild the engine from the new weights")
     logger.info("%s: %d of %d swappable weights located", Path(onnx_path).name, len(out), len(base))
     return out
 
@@ -167,4 +176,4 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, t
 def _content_key(arr: np.ndarray) -> tuple:
     import hashlib
 
-    return arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    return arr.size, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()

@@ -118,9 +118,9 @@ class TrtEngine:
             target = self._weight_map.get(key)
             if target is None:
                 continue
-            name, transposed, dtype = target
+            name, transposed, dtype, shape = target
             arr = value.detach().float().cpu().numpy()
-            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False)
+            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False).reshape(shape)
             keep.append(arr)
             refitter.set_named_weights(name, self.trt.Weights(arr))
         if not refitter.refit_cuda_engine():
