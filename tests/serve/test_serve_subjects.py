@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serve_helpers import STEPS, assert_close_images, expected_array, generate_fields, metric, png_array
+from serve_helpers import assert_close_images, expected_array, generate_fields, png_array
 
 
 def _files_under(root: Path) -> set[Path]:
