@@ -19,6 +19,9 @@ from .onnx_export import save_model
 
 logger = logging.getLogger(__name__)
 
+#: Initializers of this size or more are left out of constant folding (and of graphsurgeon's copies):
+#: folding that depends on a weight was already done by the exporter.
+HIDE_MIN_BYTES = 1024 * 1024
 #: Folding never materialises a tensor larger than this (Expand/Tile of constants would bloat the file).
 FOLD_SIZE_THRESHOLD = 64 * 1024 * 1024
 
@@ -53,14 +56,14 @@ def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None
     ``batch_axes`` (name -> axis, for a symbolic batch): shape inference may name an output's batch
     dimension by an expression such as ``floor(1.0*B)``; it is set back to ``B``.
 
-    Memory: a model whose weights are in an external data file (over 2 GB) is optimized *without loading
-    them*. The external initializers are turned into graph inputs for the folding (so nothing that depends
-    on a weight is folded: the exporters already folded weight transposes and casts) and put back
-    afterwards, still pointing at the source's data file, which the optimized model then shares (``dst``
-    must be in the same folder). Loading them would cost two to three copies of the weights: the
-    sd2-base fusion stage (6.3 GB of weights) ran out of 24 GB that way. Shape inference always runs on
-    the model without weight bytes, so polygraphy never serializes a 3.5 GB model to a temporary file
-    for each folding pass. Smaller models are folded with their weights in memory.
+    Memory and time: the weights take no part. Initializers in external data (models over 2 GB) and all
+    of 1 MiB or more are turned into graph inputs for the folding, so nothing that depends on a weight is
+    folded (the exporters already folded weight transposes and casts) and graphsurgeon never copies them,
+    then put back. External ones are never even loaded: they keep pointing at the source's data file,
+    which the optimized model shares (``dst`` must be in the same folder). Folding with the weights
+    loaded cost two to three copies of them: the sd2-base fusion stage (6.3 GB of weights) ran out of
+    24 GB that way, and the 1.7 GB float16 UNet took 65 s. Shape inference runs on the model without
+    external weight bytes, so polygraphy never serializes a multi-GB model to a temporary file.
     """
     import onnx
 
@@ -83,12 +86,14 @@ def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None
 
         load_external_data_for_model(model, str(src.parent))  # cannot share: fold with the weights loaded
         shared = []
-    model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
-    hidden = _hide_external_weights(model) if shared else {}
-    model = fold_constants(model, do_shape_inference=False, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
+    # weights out of the way first: shape inference and folding then work on a small model
+    hidden = _hide_weights(model)
+    model = infer_shapes(model, error_ok=True)
+    model = fold_constants(model, size_threshold=FOLD_SIZE_THRESHOLD, error_ok=True)
+    model = infer_shapes(model, error_ok=True)
     if hidden:
         _restore_weights(model, hidden)
-    model = infer_shapes(model, error_ok=True, allow_onnxruntime=False)
+        del hidden
     after = len(model.graph.node)
     _fix_batch_dims(model, batch_axes)
     # graphsurgeon drops the model's metadata: carry it over, and say what was done
@@ -120,31 +125,24 @@ def _external_locations(model) -> set[str]:
     return locations
 
 
-def _hide_external_weights(model) -> dict[str, object]:
-    """Move the initializers stored in external data to graph inputs; return them by name."""
+def _hide_weights(model, min_bytes: int = HIDE_MIN_BYTES) -> dict[str, object]:
+    """Move the initializers stored in external data, and those of ``min_bytes`` or more, to graph inputs;
+    return them by name. ``pop`` hands over the tensors without copying their bytes."""
     from onnx import helper
 
     hidden = {}
-    keep = []
-    for init in model.graph.initializer:
-        if init.data_location == 1:
-            hidden[init.name] = init
-        else:
-            keep.append(init)
-    if not hidden:
-        return hidden
-    copies = {name: type(t)() for name, t in hidden.items()}
-    for name, t in hidden.items():
-        copies[name].CopyFrom(t)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    for name, t in copies.items():
+    inits = model.graph.initializer
+    for i in range(len(inits) - 1, -1, -1):
+        t = inits[i]
+        if t.data_location == 1 or len(t.raw_data) >= min_bytes:
+            hidden[t.name] = inits.pop(i)
+    for name, t in reversed(list(hidden.items())):
         model.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-    return copies
+    return hidden
 
 
 def _restore_weights(model, hidden: dict[str, object]) -> None:
-    """Undo :func:`_hide_external_weights` for the weights still used."""
+    """Undo :func:`_hide_weights` for the weights still used."""
     used = {i for node in model.graph.node for i in node.input}
     used |= {o.name for o in model.graph.output}
     inputs = [vi for vi in model.graph.input if vi.name not in hidden]
