@@ -1,12 +1,20 @@
-"""Spawn one worker process per backend and collect its results (used by the demo and the bench suite)."""
+"""Spawn one worker process per backend and collect its results (used by the demo and the bench suite).
+
+``run_in_subprocess(job)`` runs a job straight through in a fresh interpreter. :class:`WorkerSession`
+keeps a worker alive and drives it command by command (``benchmarks.worker --serve``), so the suite can
+interleave the timed runs of several backends, each in its own process and only one active at a time.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,23 +34,148 @@ class BackendResult:
     images: np.ndarray | None = None
 
 
-def run_in_subprocess(job: dict[str, Any], timeout: float = 1800.0) -> BackendResult:
-    """Run ``benchmarks.worker`` on ``job`` in a fresh interpreter."""
-    name = job.get("name", job["backend"])
+def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "benchmarks.worker", "--job", json.dumps(job)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return BackendResult(name, False, f"timed out after {timeout:.0f} s")
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "failed")
-        logger.debug("worker %s failed:\n%s", name, proc.stderr)
-        return BackendResult(name, False, reason.removeprefix("error: "))
+    return env
+
+
+def failure_reason(stderr: str, returncode: int | None) -> str:
+    """One line saying why a worker failed: its last ``error:`` line, else its last stderr line, else the
+    signal that killed it (e.g. the OOM killer) or its exit status."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+    if not reason:
+        code = returncode
+        if code is not None and code < 0:
+            import signal
+
+            try:
+                reason = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                reason = f"killed by signal {-code}"
+        else:
+            reason = f"exited with status {code}"
+    return reason.removeprefix("error: ")
+
+
+def _load_result(job: dict[str, Any], name: str) -> BackendResult:
     out = Path(job["out"])
     data = np.load(out / f"{name}.npz")
     result = json.loads((out / f"{name}.json").read_text())
     return BackendResult(name, True, "", result, data["latents"], data["images"])
+
+
+def run_in_subprocess(job: dict[str, Any], timeout: float = 1800.0) -> BackendResult:
+    """Run ``benchmarks.worker`` on ``job`` in a fresh interpreter."""
+    name = job.get("name", job["backend"])
+    cmd = [sys.executable, "-m", "benchmarks.worker", "--job", json.dumps(job)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env())
+    except subprocess.TimeoutExpired:
+        return BackendResult(name, False, f"timed out after {timeout:.0f} s")
+    if proc.returncode != 0:
+        logger.debug("worker %s failed:\n%s", name, proc.stderr)
+        return BackendResult(name, False, failure_reason(proc.stderr, proc.returncode))
+    return _load_result(job, name)
+
+
+class WorkerError(RuntimeError):
+    """A served worker failed, died or timed out; the message is one line."""
+
+
+class WorkerSession:
+    """A ``benchmarks.worker --serve`` process for one job. :meth:`request` sends one command and waits for
+    its reply (``timeout`` seconds, then the worker is killed); :meth:`finish` collects the result like
+    :func:`run_in_subprocess`. Always :meth:`close` (or use as a context manager)."""
+
+    def __init__(self, job: dict[str, Any], timeout: float = 600.0):
+        from .worker import PROTOCOL_PREFIX
+
+        self.job = job
+        self.name = job.get("name", job["backend"])
+        self._prefix = PROTOCOL_PREFIX
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--serve", "--job", json.dumps(job)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, env=_worker_env(), bufsize=1)
+        self._replies: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ready = self._wait(timeout, "start")
+        if not self.ready.get("ok"):
+            self.close()
+            raise WorkerError(self.ready.get("error") or "the worker did not start")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(self._prefix):
+                try:
+                    self._replies.put(json.loads(line[len(self._prefix):]))
+                except json.JSONDecodeError:
+                    logger.warning("unreadable reply from %s: %s", self.name, line[:200])
+        self._replies.put(None)  # end of stream: the process exited
+
+    def _stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def _wait(self, timeout: float, what: str) -> dict[str, Any]:
+        try:
+            reply = self._replies.get(timeout=max(timeout, 1.0))
+        except queue.Empty:
+            self.kill()
+            raise WorkerError(f"timed out after {timeout:.0f} s ({what})") from None
+        if reply is None:
+            code = self.proc.wait(timeout=30)
+            logger.debug("worker %s exited:\n%s", self.name, self._stderr_text())
+            raise WorkerError(failure_reason(self._stderr_text(), code))
+        return reply
+
+    def request(self, cmd: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+        if self.proc.poll() is not None:
+            raise WorkerError(failure_reason(self._stderr_text(), self.proc.returncode))
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            code = self.proc.wait(timeout=30)
+            raise WorkerError(failure_reason(self._stderr_text(), code)) from None
+        reply = self._wait(timeout, cmd.get("task") or cmd.get("kind") or cmd["cmd"])
+        if not reply.get("ok"):
+            raise WorkerError(reply.get("error") or "failed")
+        return reply
+
+    def finish(self, timeout: float = 600.0) -> BackendResult:
+        self.request({"cmd": "finish"}, timeout)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return _load_result(self.job, self.name)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        self._stderr.close()
+
+    def __enter__(self) -> "WorkerSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
