@@ -1,0 +1,7 @@
+"""``python -m benchmarks``: the same as ``profusion-rt bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
