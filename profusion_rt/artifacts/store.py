@@ -7,7 +7,7 @@ Layout::
     <root>/<model_hash>/tokenizer/                     tokenizer.save_pretrained copy
     <root>/<model_hash>/<graph>/<precision>-<shape_key>/
         model.onnx            (+ model.onnx.data when the graph is over 2 GB)
-        model.opt.onnx        (+ model.opt.onnx.data)  constant-folded, shape-inferred
+        model.opt.onnx        constant-folded, shape-inferred; reads model.onnx.data when there is one
         <gpu-slug>-trt<version>.plan                  one per GPU and TensorRT version
         manifest.json                                  written last
 
@@ -120,7 +120,11 @@ def _config_dict(net: Any) -> dict[str, Any]:
 
         cfg = asdict(cfg) if is_dataclass(cfg) else {}
     # drop bookkeeping that changes with library versions (``_diffusers_version``, ``transformers_version``)
-    return {k: v for k, v in dict(cfg).items() if not k.startswith("_") and k != "transformers_version"}
+    # or when a model is saved (transformers fills in ``architectures`` and ``dtype``)
+    return {k: v for k, v in dict(cfg).items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+
+
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "architectures", "dtype", "torch_dtype"})
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -222,7 +226,7 @@ def tool_versions() -> dict[str, str | None]:
 
 
 # -- atomic writes ---------------------------------------------------------------------------------------
-def _file_mode() -> int:
+def file_mode() -> int:
     """0o666 less the process umask: what a plain ``open(..., "w")`` would give (mkstemp gives 0o600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -244,7 +248,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
