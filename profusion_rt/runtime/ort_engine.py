@@ -109,16 +109,8 @@ class OrtEngine:
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor],
                        base: Mapping[str, torch.Tensor] | None = None) -> None:
         if self._weight_map is None:
-            if base is None:
-                raise ValueError("the first weight swap of an onnxruntime engine needs the base values")
             self._weight_map = weight_map(self.path, base)
-        for key, value in named_tensors.items():
-            target = self._weight_map.get(key)
-            if target is None:
-                continue
-            init_name, transposed, dtype, shape = target
-            arr = value.detach().float().cpu().numpy()
-            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False).reshape(shape)
+        for init_name, arr in graph_weights(self._weight_map, named_tensors):
             self._override_arrays[init_name] = arr  # OrtValues reference this memory: keep it alive
             self._overrides[init_name] = self.ort.OrtValue.ortvalue_from_numpy(arr)
         self.session = self._create_session()
@@ -126,7 +118,7 @@ class OrtEngine:
                     len(self._overrides))
 
 
-def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, bool, np.dtype, tuple]]:
+def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict[str, tuple[str, bool, np.dtype, tuple]]:
     """Locate each named base weight among the initializers a graph's nodes actually use: by name when the
     exporter kept it, else by content, flattened (exporters store linear weights transposed, and norm
     scales reshaped, under generated names). Returns key -> (initializer, transposed, dtype, shape).
@@ -135,6 +127,8 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, t
     import onnx
     from onnx import numpy_helper
 
+    if base is None:
+        raise ValueError("locating the weights of a graph needs the base values (the first swap passes them)")
     model = onnx.load(str(onnx_path))
     used = {name for node in model.graph.node for name in node.input}
     by_name: dict[str, np.ndarray] = {}
@@ -171,6 +165,17 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor]) -> dict[str, t
             f"(e.g. {unresolved[0]}), so they cannot be swapped in place; rebuild the engine from the new weights")
     logger.info("%s: %d of %d swappable weights located", Path(onnx_path).name, len(out), len(base))
     return out
+
+
+def graph_weights(mapping: Mapping[str, tuple], named_tensors: Mapping[str, torch.Tensor]):
+    """(initializer name, array in the graph's layout and dtype) for each named tensor the graph uses."""
+    for key, value in named_tensors.items():
+        target = mapping.get(key)
+        if target is None:
+            continue
+        name, transposed, dtype, shape = target
+        arr = value.detach().float().cpu().numpy()
+        yield name, np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False).reshape(shape)
 
 
 def _content_key(arr: np.ndarray) -> tuple:

@@ -100,28 +100,18 @@ class TrtEngine:
                        base: Mapping[str, torch.Tensor] | None = None) -> None:
         """Refit: TensorRT names refittable weights after the ONNX initializers, located as for
         onnxruntime (:func:`~profusion_rt.runtime.ort_engine.weight_map`)."""
-        import numpy as np
-
-        from .ort_engine import weight_map
+        from .ort_engine import graph_weights, weight_map
 
         if not self.engine.refittable:
             raise BackendUnavailableError(f"{self.path.name} was not built refittable (export with --refittable)")
         if self.onnx_path is None:
             raise BackendUnavailableError(f"{self.path.name}: no ONNX file to locate the weights to refit")
         if self._weight_map is None:
-            if base is None:
-                raise ValueError("the first refit needs the base values")
             self._weight_map = weight_map(self.onnx_path, base)
         refitter = self.trt.Refitter(self.engine, self.logger)
         keep = []
-        for key, value in named_tensors.items():
-            target = self._weight_map.get(key)
-            if target is None:
-                continue
-            name, transposed, dtype, shape = target
-            arr = value.detach().float().cpu().numpy()
-            arr = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False).reshape(shape)
-            keep.append(arr)
+        for name, arr in graph_weights(self._weight_map, named_tensors):
+            keep.append(arr)  # TensorRT reads the host memory during refit
             refitter.set_named_weights(name, self.trt.Weights(arr))
         if not refitter.refit_cuda_engine():
             raise RuntimeError(f"TensorRT refit of {self.path.name} failed")
