@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from profusion_rt.artifacts.specs import GraphSpec
-from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD, _file_mode, move_into_place, staging_dir
+from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD, file_mode, move_into_place, staging_dir
 from profusion_rt.errors import InvalidParameterError, ProFusionError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 EXPORTERS = ("dynamo", "legacy")
 MIN_OPSET = 18
 
-_FILE_MODE = _file_mode()
+_FILE_MODE = file_mode()
 _ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 
