@@ -121,7 +121,13 @@ class SuiteConfig:
                 "seed": self.seed, "num_images_per_prompt": self.batch, "reference": "demo"}
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        def path(p: Path) -> str:
+            try:
+                return Path(p).resolve().relative_to(ROOT).as_posix()
+            except ValueError:
+                return str(p)
+
+        return {k: (path(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 # -- which rows can run here ---------------------------------------------------------------------------
