@@ -127,7 +127,8 @@ def run_line(results: dict[str, Any]) -> str:
                     f"{peak['timing']['n']} in the eager worker, by {basis}; wall-clock median "
                     f"{fmt_si(peak['median_flops'], 'FLOP/s')}).")
     ref = f", parity against an eager {cfg.get('reference_dtype')} run" if cfg.get("reference_dtype") else ""
-    return (f"**Run** `profusion-rt bench --{cfg.get('mode')}` on {results.get('created', '')[:10]}: preset "
+    flags = f"--{cfg.get('mode')}" + (" --with-compile" if cfg.get("with_compile") and cfg.get("mode") == "quick" else "")
+    return (f"**Run** `profusion-rt bench {flags}` on {results.get('created', '')[:10]}: preset "
             f"`{cfg.get('model')}` (random weights){res}, {cfg.get('device')} {cfg.get('dtype')}{ref}, "
             f"{cfg.get('steps')} DDIM steps, fusion_steps {cfg.get('fusion_steps')}, batch {cfg.get('batch')}, seed "
             f"{cfg.get('seed')}. Each backend in its own process, only one computing at a time: every backend's "
