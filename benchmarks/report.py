@@ -309,8 +309,11 @@ def snippet(results: dict[str, Any], out: Path, plots: list[str]) -> str:
              run_line(results), "", e2e_table(results), ""]
     if "e2e.png" in plots:
         parts += [f"![end-to-end time per backend]({rel}e2e.png)", ""]
+    cfg = results.get("config", {})
+    flags = f"--{cfg.get('mode', 'quick')}" + (" --with-compile" if cfg.get("with_compile") and
+                                                 cfg.get("mode") == "quick" else "")
     parts += [f"Per stage, the cost of fusion, official-style vs minimal fusion and scaling: "
-              f"[{rel}results.md]({rel}results.md). Reproduce with `profusion-rt bench --quick` "
+              f"[{rel}results.md]({rel}results.md). Reproduce with `profusion-rt bench {flags}` "
               "(see `benchmarks/README.md`).", ""]
     return "\n".join(parts)
 
@@ -390,7 +393,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
                 if base:
                     ax.text(m, i, f" {m / base:.2f}x", va="center", fontsize=8)
             ax.set_xlim(0, max(med) * 1.25)
-            ax.set_xlabel("sampling loop, s per step (median); label: ratio to the top bar")
+            ax.set_xlabel("sampling loop, s per step (median)\nlabel: ratio to the top bar", fontsize=9)
             ax.set_title("eager pipeline: cost of fusion" if g == "eager" else "fused loop: official vs minimal",
                          fontsize=10)
             ax.tick_params(axis="y", labelsize=8)

@@ -121,13 +121,15 @@ class SuiteConfig:
                 "seed": self.seed, "num_images_per_prompt": self.batch, "reference": "demo"}
 
     def to_json(self) -> dict[str, Any]:
-        def path(p: Path) -> str:
-            try:
-                return Path(p).resolve().relative_to(ROOT).as_posix()
-            except ValueError:
-                return str(p)
+        return {k: (_rel(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
-        return {k: (path(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results stay comparable across checkouts)."""
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 # -- which rows can run here ---------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def export_for(cfg: SuiteConfig, reasons: dict[str, str]) -> dict[str, Any]:
     from .models import build_pipeline
 
     start = time.perf_counter()
-    info: dict[str, Any] = {"root": str(cfg.artifacts), "graphs": {}}
+    info: dict[str, Any] = {"root": _rel(cfg.artifacts), "graphs": {}}
     try:
         pipe = build_pipeline(cfg.model, cfg.device, "fp32", cfg.seed)
         graphs = [g for g in cfg.export_graphs]
