@@ -11,7 +11,9 @@ from ..presets import CLIP_MEAN, CLIP_STD
 def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """[0, 1] images (B, 3, H, W) -> bicubic resize to ``size`` (antialias pinned on, as torchvision >= 0.17
     does for tensors) -> OpenAI-CLIP normalisation. No crop: the reference is already square."""
-    x = nn.functional.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    # float32: the antialiased bicubic kernel has no half-precision CPU implementation
+    x = nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True,
+                                  align_corners=False)
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

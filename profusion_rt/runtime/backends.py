@@ -40,7 +40,7 @@ def _torch_compile(pipe: ProFusionPipeline, artifacts: Path | None = None, compi
 
 
 def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp32",
-                 **_) -> tuple[Engine, Engine]:
+                 threads: int | None = None, **_) -> tuple[Engine, Engine]:
     from .ort_engine import OrtEngine
 
     if artifacts is None:
@@ -48,7 +48,7 @@ def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precisi
     engines, digest = [], model_hash(pipe)
     for graph in ("fusion_stage", "refinement_stage"):
         entry = select_artifact(artifacts, digest, graph, precision)
-        engines.append(OrtEngine(entry.opt_onnx_path or entry.onnx_path, device=pipe.device,
+        engines.append(OrtEngine(entry.opt_onnx_path or entry.onnx_path, device=pipe.device, threads=threads,
                                  batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
     return engines[0], engines[1]
 
@@ -77,7 +77,9 @@ def _tensorrt(pipe: ProFusionPipeline, artifacts: Path | None = None, precision:
 
 def select_artifact(root: Path, digest: str, graph: str, precision: str):
     """The intact exported artifact of ``graph`` for exactly these weights (by model hash), preferring a
-    dynamic batch axis; :class:`ModelLoadError` naming what is missing otherwise."""
+    dynamic batch axis; :class:`ModelLoadError` naming what is missing otherwise. The hash covers the
+    weights in the dtype they are held in, and export reads a float32 pipeline: load the pipeline in
+    float32 for the onnxruntime and tensorrt backends (the engines carry their own precision)."""
     from ..artifacts.store import ArtifactStore
     from ..errors import ModelLoadError
 
