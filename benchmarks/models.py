@@ -51,7 +51,6 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
 
     from profusion_rt.cli import load_pipeline
     from profusion_rt.models import factory
-    from profusion_rt.models.tokenizer import load_default_tokenizer
     from profusion_rt.pipeline import ProFusionPipeline
 
     dev = torch.device(device)
@@ -62,23 +61,7 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
             raise InvalidParameterError("a resolution override needs a preset, not a model folder")
         return load_pipeline(model, None, device, dtype, seed)
     preset = preset_at_resolution(model, resolution)
-    if dev.type != "cuda":
-        components = factory.build_components(preset, seed=seed)
-    else:
-        with torch.random.fork_rng(devices=[dev]), dev:
-            torch.manual_seed(seed)
-            nets = {
-                "unet": factory.build_unet(preset.unet),
-                "vae": factory.build_vae(preset.vae),
-                "text_encoder": factory.build_text_encoder(preset.text_encoder),
-                "image_encoder": factory.build_image_encoder(preset.image_encoder),
-                "promptnet": factory.build_promptnet(preset.promptnet),
-            }
-        for net in nets.values():
-            net.eval().requires_grad_(False)
-        components = factory.Components(**nets, scheduler=factory.build_scheduler(preset.scheduler),
-                                        tokenizer=load_default_tokenizer(),
-                                        text_skip_layers=preset.text_skip_layers)
+    components = factory.build_components(preset, seed=seed, device=dev)  # on CUDA: initialised there
     pipe = ProFusionPipeline.from_components(components, resolution=preset.resolution, preset=preset.name)
     pipe.to(dev, torch_dtype(dtype))
     pipe.progress_bar = False

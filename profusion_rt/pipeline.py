@@ -175,9 +175,11 @@ class ProFusionPipeline:
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> "ProFusionPipeline":
-        """Random weights for preset ``name`` ("tiny", "sd2-base", "sd2-768") drawn from ``seed``."""
+        """Random weights for preset ``name`` ("tiny", "sd2-base", "sd2-768") drawn from ``seed`` (on CUDA,
+        initialised on the device: see :func:`~profusion_rt.models.factory.build_components`)."""
         preset = get_preset(name)
-        pipe = cls.from_components(build_components(preset, seed=seed), resolution=preset.resolution, preset=name)
+        pipe = cls.from_components(build_components(preset, seed=seed, device=device),
+                                   resolution=preset.resolution, preset=name)
         return pipe.to(device, dtype)
 
     @classmethod

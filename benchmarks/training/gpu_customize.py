@@ -37,33 +37,6 @@ def synthetic_photo(size: int = 512):
     return image
 
 
-def build_on_gpu(preset_name: str, seed: int, device):
-    """All components of a preset with random weights, initialised directly on ``device`` (faster than
-    building on the CPU and copying)."""
-    import torch
-
-    from profusion_rt.models import factory
-    from profusion_rt.models.tokenizer import load_default_tokenizer
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.presets import get_preset
-
-    preset = get_preset(preset_name)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        torch.manual_seed(seed)
-        nets = {
-            "unet": factory.build_unet(preset.unet),
-            "vae": factory.build_vae(preset.vae),
-            "text_encoder": factory.build_text_encoder(preset.text_encoder),
-            "image_encoder": factory.build_image_encoder(preset.image_encoder),
-            "promptnet": factory.build_promptnet(preset.promptnet),
-        }
-    for net in nets.values():
-        net.eval().requires_grad_(False)
-    components = factory.Components(**nets, scheduler=factory.build_scheduler(preset.scheduler),
-                                    tokenizer=load_default_tokenizer(), text_skip_layers=preset.text_skip_layers)
-    return ProFusionPipeline.from_components(components, resolution=preset.resolution, preset=preset_name)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="customization timing at SD2-base shapes on a GPU")
     parser.add_argument("--preset", default="sd2-base")
@@ -98,7 +71,9 @@ def main() -> int:
     print(f"device: {name}; torch {torch.__version__}")
 
     start = time.perf_counter()
-    pipe = build_on_gpu(args.preset, 0, device)
+    from profusion_rt.pipeline import ProFusionPipeline
+
+    pipe = ProFusionPipeline.from_preset(args.preset, seed=0, device=device)  # initialised on the GPU
     sync()
     print(f"{args.preset} built on {device} in {time.perf_counter() - start:.1f} s (not counted)")
 
