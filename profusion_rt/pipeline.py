@@ -438,7 +438,8 @@ def resolve_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
         if len(seeds) != batch:
             raise InvalidParameterError(f"{len(seeds)} seeds given for {batch} images")
     else:
-        seeds = [seed + j for j in range(batch)] if isinstance(seed, int) else [seed]
+        # bool is an int subclass: keep it as given so the check below rejects it
+        seeds = [seed + j for j in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else [seed]
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 - batch:
             raise InvalidParameterError(f"seed must be a non-negative integer, got {s!r}")

@@ -106,6 +106,9 @@ def test_grayscale_and_rgba_accepted(tiny_pipe, small_image):
     dict(num_images_per_prompt=0),
     dict(output_type="jpeg"),
     dict(reference_mode="median"),
+    dict(seed=-1),
+    dict(seed=True),
+    dict(seed=1.5),
 ])
 def test_invalid_parameters(tiny_pipe, small_image, kwargs):
     _raises(InvalidParameterError, _gen, tiny_pipe, **{"reference_image": small_image, "prompt": "a {S*}", **kwargs})
