@@ -29,7 +29,9 @@ class _OfficialContexts:
     call on the three sequences [∅, C[scale·S*], C~] (PROFUSION.md section 7: "3 sequences each"), i.e. ∅
     and C~ are re-encoded from their token ids although they are constant (section 6, item 5)."""
 
-    def _register_ids(self, empty_ids: torch.Tensor, class_ids: torch.Tensor) -> None:
+    def __init__(self, unet, text_encoder, promptnet, text_skip_layers: int, empty_ids: torch.Tensor,
+                 class_ids: torch.Tensor):
+        super().__init__(unet, text_encoder, promptnet, text_skip_layers)
         self.register_buffer("empty_ids", empty_ids.reshape(1, -1).long(), persistent=False)
         self.register_buffer("class_ids", class_ids.reshape(1, -1).long(), persistent=False)
 
@@ -52,11 +54,6 @@ class OfficialFusionStage(_OfficialContexts, FusionStage):
 
     input_names = FUSION_INPUTS
 
-    def __init__(self, unet, text_encoder, promptnet, text_skip_layers: int, empty_ids: torch.Tensor,
-                 class_ids: torch.Tensor):
-        super().__init__(unet, text_encoder, promptnet, text_skip_layers)
-        self._register_ids(empty_ids, class_ids)
-
     def forward(self, x, timestep, scalars, ref_latents, image_tokens, token_embeds, placeholder_mask,
                 empty_context, noise):
         c_eps, c_noise, w_fusion, gamma = scalars.unbind(0)
@@ -72,11 +69,6 @@ class OfficialRefinementStage(_OfficialContexts, RefinementStage):
     are ignored). The UNet batch is [∅, C[S*], C~] as in the minimal stage."""
 
     input_names = REFINEMENT_INPUTS
-
-    def __init__(self, unet, text_encoder, promptnet, text_skip_layers: int, empty_ids: torch.Tensor,
-                 class_ids: torch.Tensor):
-        super().__init__(unet, text_encoder, promptnet, text_skip_layers)
-        self._register_ids(empty_ids, class_ids)
 
     def forward(self, x, timestep, scalars, ref_latents, image_tokens, token_embeds, placeholder_mask,
                 empty_context, class_context):

@@ -254,7 +254,6 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
     """Run the suite and write results.json, results.md and the plots into ``cfg.out``; returns the
     results dictionary."""
     import numpy as np
-    import torch
 
     from profusion_rt.runtime.parity import compare
 

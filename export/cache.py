@@ -35,7 +35,7 @@ from profusion_rt.artifacts.store import (FORMAT_VERSION, ONNX_FILE, OPT_ONNX_FI
 from profusion_rt.errors import InvalidParameterError
 
 from .onnx_export import EXPORTERS, check_opset, export_onnx, resolve_exporter
-from .validate import OutputCheck, ValidationError
+from .validate import ValidationError
 
 logger = logging.getLogger(__name__)
 

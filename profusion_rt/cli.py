@@ -142,7 +142,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     costs = count_network_costs(components, resolution)
     print(f"model: {name}   resolution: {resolution}px   text layers skipped: {components.text_skip_layers}")
     print(f"scheduler: {type(components.scheduler).__name__}   tokenizer: {type(components.tokenizer).__name__}")
-    print(f"| network | class | params (M) | GFLOP per forward | forward |")
+    print("| network | class | params (M) | GFLOP per forward | forward |")
     print("| --- | --- | ---: | ---: | --- |")
     classes = {k: type(v).__name__ for k, v in components.networks().items()}
     classes["vae_encoder"] = classes["vae_decoder"] = classes["vae"]

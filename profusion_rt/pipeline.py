@@ -32,7 +32,7 @@ from .errors import InvalidParameterError, PromptError
 from .image_io import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
 from .models import text as textenc
 from .models.factory import Components, build_components
-from .models.stages import StepTables, step_tables
+from .models.stages import StepTables, guided_eps, placeholder_conditioning, step_tables
 from .models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
 from .models.vision import image_tokens, vae_encode
 from .presets import get_preset
@@ -79,7 +79,6 @@ class EncodedPrompts:
     placeholder_mask: torch.Tensor  # (B, 77) float, 1.0 at the S* row
     empty: torch.Tensor  # (B, 77, D) conditioning of ∅
     class_context: torch.Tensor | None  # (B, 77, D) conditioning of C~ (the class-word prompt)
-    has_placeholder: bool
 
 
 @dataclass
@@ -288,7 +287,6 @@ class ProFusionPipeline:
             placeholder_mask=mask.repeat_interleave(rep, 0),
             empty=empty.expand(total, -1, -1),
             class_context=class_context,
-            has_placeholder=with_reference,
         )
 
     def draw_noise(self, seeds: Sequence[int], steps: int, fusion_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,19 +300,10 @@ class ProFusionPipeline:
         return torch.cat(xs, 0), torch.cat(zs, 2)
 
     # -- the algorithm ---------------------------------------------------------------------------------
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One UNet call on len(contexts) conditionings sharing x_t; returns one ε per conditioning."""
-        k = len(contexts)
-        out = self.unet(torch.cat([x] * k), t, encoder_hidden_states=torch.cat(list(contexts))).sample
-        return list(out.reshape(k, x.shape[0], *out.shape[1:]).unbind(0))
-
     def _conditioning(self, ref: ReferenceEncoding, prompts: EncodedPrompts, x: torch.Tensor,
-                      t: torch.Tensor, scale: float) -> torch.Tensor:
-        """PromptNet on the live x_t and t -> S* -> C[scale * S*]."""
-        s_star = self.promptnet(ref.latents, t, ref.image_tokens, x)
-        return textenc.encode_with_placeholder(
-            self.text_encoder, prompts.embeds, prompts.placeholder_mask, s_star, scale, self.text_skip_layers
-        )
+                      t: torch.Tensor, scale) -> torch.Tensor:
+        return placeholder_conditioning(self.promptnet, self.text_encoder, self.text_skip_layers, x, t,
+                                        ref.latents, ref.image_tokens, prompts.embeds, prompts.placeholder_mask, scale)
 
     @torch.no_grad()
     def prepare(
@@ -398,14 +387,14 @@ class ProFusionPipeline:
             # Fusion stage, R times: re-noise x_t at the same level with ê guided by C[γ S*].
             for r in range(req.fusion_steps):
                 cond = self._conditioning(ref, enc, x, t, gamma)
-                e_u, e_f = self._eps(x, t, [enc.empty, cond])
+                e_u, e_f = guided_eps(self.unet, x, t, [enc.empty, cond])
                 e_hat = sampling.fusion_guidance(e_u, e_f, w_fusion)
                 x = sampling.fusion_update(x, e_hat, req.noise[i, r], c_eps, c_noise)
 
             # Refinement stage: one UNet call on [∅, C[S*], C~], guidance, DDIM step (eta = 0).
             cond = self._conditioning(ref, enc, x, t, 1.0) if ref is not None else req.plain_context
             contexts = [enc.empty, cond] + ([enc.class_context] if req.use_class else [])
-            eps = self._eps(x, t, contexts)
+            eps = guided_eps(self.unet, x, t, contexts)
             e = sampling.refinement_guidance(eps[0], eps[1], eps[2] if req.use_class else None, s1, s2)
             x = sampling.ddim_step(x, e, alpha, alpha_prev)
         return x

@@ -32,6 +32,23 @@ REFINEMENT_INPUTS = ("x", "timestep", "scalars", "ref_latents", "image_tokens", 
 STAGE_OUTPUT = "x_out"
 
 
+def placeholder_conditioning(promptnet: nn.Module, text_encoder: nn.Module, text_skip_layers: int, x, timestep,
+                             ref_latents, image_tokens, token_embeds, placeholder_mask, scale) -> torch.Tensor:
+    """PromptNet on the live x_t and t -> S* -> C[scale * S*] (PROFUSION.md section 1)."""
+    s_star = promptnet(ref_latents, timestep, image_tokens, x)
+    return textenc.encode_with_placeholder(text_encoder, token_embeds, placeholder_mask, s_star, scale,
+                                           text_skip_layers)
+
+
+def guided_eps(unet: nn.Module, x: torch.Tensor, timestep: torch.Tensor,
+               contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One UNet call on len(contexts) conditionings sharing x_t; one ε per conditioning."""
+    k = len(contexts)
+    out = unet(torch.cat([x] * k), timestep, encoder_hidden_states=torch.cat(list(contexts))).sample
+    # reshape + unbind, not chunk: chunk makes the exporter freeze the batch size.
+    return list(out.reshape(k, x.shape[0], *out.shape[1:]).unbind(0))
+
+
 class _Stage(nn.Module):
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, promptnet: nn.Module, text_skip_layers: int):
         super().__init__()
@@ -41,16 +58,11 @@ class _Stage(nn.Module):
         self.text_skip_layers = int(text_skip_layers)
 
     def conditioning(self, x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, scale):
-        s_star = self.promptnet(ref_latents, timestep, image_tokens, x)
-        return textenc.encode_with_placeholder(
-            self.text_encoder, token_embeds, placeholder_mask, s_star, scale, self.text_skip_layers
-        )
+        return placeholder_conditioning(self.promptnet, self.text_encoder, self.text_skip_layers, x, timestep,
+                                        ref_latents, image_tokens, token_embeds, placeholder_mask, scale)
 
     def eps(self, x: torch.Tensor, timestep: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        k = len(contexts)
-        out = self.unet(torch.cat([x] * k), timestep, encoder_hidden_states=torch.cat(list(contexts))).sample
-        # reshape + unbind, not chunk: chunk makes the exporter freeze the batch size.
-        return list(out.reshape(k, x.shape[0], *out.shape[1:]).unbind(0))
+        return guided_eps(self.unet, x, timestep, contexts)
 
 
 class FusionStage(_Stage):

@@ -21,12 +21,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..errors import InvalidParameterError
-from ..models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT, StepTables
+from ..models.stages import STAGE_OUTPUT
 from ..pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
 from .engine import Engine
 
@@ -71,8 +71,7 @@ class Runtime:
     """
 
     def __init__(self, pipe: ProFusionPipeline, fusion_engine: Engine, refinement_engine: Engine,
-                 backend: str, use_cuda_graph: bool | None = None,
-                 decoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 backend: str, use_cuda_graph: bool | None = None):
         self.pipe = pipe
         self.fusion_engine = fusion_engine
         self.refinement_engine = refinement_engine
@@ -85,14 +84,9 @@ class Runtime:
         if use_cuda_graph and (self.device.type != "cuda" or not capturable):
             raise InvalidParameterError("CUDA graphs need a CUDA device and capturable engines")
         self.use_cuda_graph = use_cuda_graph
-        self.decoder = decoder
         self._buffers: dict[tuple, StaticBuffers] = {}
         self._lock = threading.Lock()
         self.last_timings = Timings()
-
-    @property
-    def progress_bar(self) -> bool:
-        return self.pipe.progress_bar
 
     # -- public API --------------------------------------------------------------------------------------
     def __call__(self, output_type: str = "pil", **kwargs) -> ProFusionOutput:
@@ -165,12 +159,7 @@ class Runtime:
         return any(getattr(e, "needs_base_values", False) for e in (self.fusion_engine, self.refinement_engine))
 
     def decode(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent" or self.decoder is None:
-            return self.pipe.decode(latents, output_type)
-        from ..image_io import tensor_to_pil
-
-        images = self.decoder(latents).float().cpu()
-        return images.permute(0, 2, 3, 1).numpy() if output_type == "np" else [tensor_to_pil(i) for i in images]
+        return self.pipe.decode(latents, output_type)
 
     def warmup(self, **kwargs) -> None:
         """Run one request so compilation, engine set-up and CUDA-graph capture happen before serving."""
@@ -247,10 +236,6 @@ class Runtime:
                          class_context=t["class_context"])
             calls.append((self.refinement_engine, feeds, {STAGE_OUTPUT: nxt}))
             cur, nxt = nxt, cur
-        for engine, feeds, _ in calls:
-            names = FUSION_INPUTS if engine is self.fusion_engine and "noise" in feeds else REFINEMENT_INPUTS
-            missing = set(names) - set(feeds)
-            assert not missing, missing  # internal invariant: the call list feeds every graph input
         return StaticBuffers(key=self._shape_key(req), tensors=t, calls=calls, final=cur)
 
     def _image_tokens_shape(self, batch: int) -> tuple[int, int, int]:
@@ -333,7 +318,6 @@ def concat_requests(reqs: Sequence[PreparedRequest]) -> PreparedRequest:
         placeholder_mask=cat(lambda r: r.prompts.placeholder_mask),
         empty=cat(lambda r: r.prompts.empty),
         class_context=cat(lambda r: r.prompts.class_context) if first.prompts.class_context is not None else None,
-        has_placeholder=first.prompts.has_placeholder,
     )
     plain = cat(lambda r: r.plain_context) if first.plain_context is not None else None
     return PreparedRequest(
