@@ -64,8 +64,12 @@ class OrtEngine:
     def _session_options(self):
         so = self.ort.SessionOptions()
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Two sessions on few cores fight with idle spinning threads: disable spinning.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The runtime alternates two sessions. Their worker threads spin while a run is in flight (fast
+        # hand-off between small ops) and stop spinning when it returns, so an idle session's threads do
+        # not steal the cores from the other one. Measured on the 2-core CPU machine, tiny, one fusion +
+        # one refinement call: 78 ms with this, 91 ms with spinning off, 110 ms with spinning left on.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         so.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
         so.log_severity_level = 3
         if self._overrides:
