@@ -6,7 +6,10 @@ Stages of one artifact folder, each with a key over everything it depends on (re
 ``onnx``       weights hash, spec hash, precision, export batch and batch mode, opset, exporter, and the
                versions of torch, onnx, onnxscript, diffusers and transformers
 ``optimize``   sha256 of ``model.onnx`` (+ data), polygraphy / onnx-graphsurgeon / onnx versions
-``validation`` sha256 of ``model.opt.onnx``, onnxruntime version, tolerance, batches
+``ort_fusion`` sha256 of ``model.opt.onnx`` (+ the data it reads), onnx / onnxruntime versions, the pass
+               version; only for the graphs the onnxruntime runtime loads (:data:`ORT_FUSION_GRAPHS`)
+``validation`` sha256 of ``model.opt.onnx`` and ``model.ort.onnx`` (+ data), onnxruntime version,
+               tolerance, batches
 ``plans``      sha256 of ``model.opt.onnx``, TensorRT version, GPU, build options, profile shapes
 =============  ============================================================================================
 
@@ -29,9 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from profusion_rt.artifacts.specs import GRAPHS, GraphSpec, get_graph, model_dims, precision_dtype, torch_dtype
-from profusion_rt.artifacts.store import (FORMAT_VERSION, ONNX_FILE, OPT_ONNX_FILE, RUNTIME_JSON, ArtifactStore,
-                                          atomic_write_json, file_record, model_hash, read_manifest, shape_key,
-                                          stage_key, tool_versions, verify_files, write_runtime_metadata)
+from profusion_rt.artifacts.store import (FORMAT_VERSION, ONNX_FILE, OPT_ONNX_FILE, ORT_ONNX_FILE, RUNTIME_JSON,
+                                          ArtifactStore, atomic_write_json, file_record, model_hash, read_manifest,
+                                          shape_key, stage_key, tool_versions, verify_files, write_runtime_metadata)
 from profusion_rt.errors import InvalidParameterError
 
 from .onnx_export import EXPORTERS, check_opset, export_onnx, resolve_exporter
@@ -40,6 +43,10 @@ from .validate import ValidationError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnx", "tensorrt")
+#: graphs that get an onnxruntime-specific ``model.ort.onnx`` (attention as com.microsoft.MultiHeadAttention,
+#: export/ort_fusion.py): the ones the runtime's onnxruntime backend loads. The other graphs are exported for
+#: TensorRT or as standalone networks and keep only the backend-neutral ``model.opt.onnx``.
+ORT_FUSION_GRAPHS = frozenset({"fusion_stage", "refinement_stage"})
 
 
 @dataclass
@@ -87,6 +94,8 @@ class GraphReport:
     seconds: dict[str, float] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
     checks: list[dict[str, Any]] = field(default_factory=list)
+    #: the ort_fusion stage's record (``fused``, ``unmatched_softmax``, ``file``), when it ran or was cached
+    ort_fusion: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -94,9 +103,17 @@ class GraphReport:
 
     def summary(self) -> str:
         parts = [f"{stage} {how}" + (f" {self.seconds[stage]:.1f}s" if how == "built" and stage in self.seconds else "")
+                 + (self._fusion_note() if stage == "ort_fusion" else "")
                  for stage, how in self.stages.items()]
         mb = sum(self.sizes.values()) / 1e6
         return f"{self.graph}: {', '.join(parts)}; {mb:.1f} MB -> {self.path}"
+
+    def _fusion_note(self) -> str:
+        f = self.ort_fusion or {}
+        if "fused" not in f:
+            return ""
+        target = ORT_ONNX_FILE if f.get("file") else "no file, onnxruntime uses " + OPT_ONNX_FILE
+        return f" ({f['fused']} attention fused, {f.get('unmatched_softmax', '?')} softmax left; {target})"
 
 
 def export_batch(options: ExportOptions) -> int:
@@ -148,8 +165,9 @@ class ArtifactBuilder:
             for r in reports:
                 for c in r.checks:
                     if not c["passed"]:
-                        raise ValidationError(f"{c['graph']} ({c['precision']}, batch {c['batch']})", c["output"],
-                                              c["error"], c["backend"])
+                        model = f", {c['model']}" if c.get("model") else ""
+                        raise ValidationError(f"{c['graph']} ({c['precision']}, batch {c['batch']}{model})",
+                                              c["output"], c["error"], c["backend"])
         return reports
 
     def write_model_metadata(self) -> Path:
@@ -195,7 +213,7 @@ class ArtifactBuilder:
             report.stages["onnx"] = "cached"
         else:
             note("onnx")
-            self._drop(manifest, folder, ("onnx", "optimize", "validation", "plans"))
+            self._drop(manifest, folder, ("onnx", "optimize", "ort_fusion", "validation", "plans"))
             info = self._export(spec, folder)
             self._record(manifest, folder, "onnx", info.files, key=onnx_key, seconds=info.seconds,
                          exporter=resolve_exporter(spec.name, o.exporter), external_data=info.external_data)
@@ -214,7 +232,7 @@ class ArtifactBuilder:
             note("optimize")
             from .optimize import optimize_onnx
 
-            self._drop(manifest, folder, ("optimize", "validation", "plans"))
+            self._drop(manifest, folder, ("optimize", "ort_fusion", "validation", "plans"))
             info = optimize_onnx(folder / ONNX_FILE, folder / OPT_ONNX_FILE,
                                  spec.batch_axes() if o.dynamic_batch is not None else None)
             self._record(manifest, folder, "optimize", info.files, key=opt_key, seconds=info.seconds,
@@ -226,11 +244,39 @@ class ArtifactBuilder:
         opt_inputs = [*stages["optimize"]["files"], *stages["optimize"].get("uses", [])]
         opt_sha = {f: manifest["files"][f]["sha256"] for f in opt_inputs}
 
-        # 3. validation on onnxruntime
-        if o.validate:
-            self._validate_onnx(spec, folder, manifest, opt_sha, report, note)
+        # 3. onnxruntime-specific graph: attention -> com.microsoft.MultiHeadAttention (model.ort.onnx)
+        if spec.name in ORT_FUSION_GRAPHS:
+            from .ort_fusion import PASS_VERSION
 
-        # 4. TensorRT plan
+            ort_key = stage_key(inputs=opt_sha, onnx=self.versions["onnx"], onnxruntime=self.versions["onnxruntime"],
+                                ort_pass=PASS_VERSION)
+            if not o.force and ok("ort_fusion") and stages["ort_fusion"]["key"] == ort_key:
+                report.stages["ort_fusion"] = "cached"
+            else:
+                note("ort_fusion")
+                from .ort_fusion import write_ort_model
+
+                self._drop(manifest, folder, ("ort_fusion", "validation"))
+                info = write_ort_model(folder / OPT_ONNX_FILE, folder / ORT_ONNX_FILE)
+                self._record(manifest, folder, "ort_fusion", info.files, key=ort_key, seconds=info.seconds,
+                             fused=info.result.fused, unmatched_softmax=info.result.unmatched_softmax,
+                             reasons=info.result.reasons, pass_version=PASS_VERSION, uses=info.shared_data)
+                status.update({f: "ok" for f in info.files})
+                report.stages["ort_fusion"], report.seconds["ort_fusion"] = "built", info.seconds
+            rec = stages["ort_fusion"]
+            report.ort_fusion = {"fused": rec["fused"], "unmatched_softmax": rec["unmatched_softmax"],
+                                 "file": ORT_ONNX_FILE if ORT_ONNX_FILE in rec["files"] else None}
+        # what onnxruntime validates: the optimized model, and the onnxruntime-specific one when there is one
+        ort_rec = stages.get("ort_fusion") or {}
+        ort_inputs = [*ort_rec.get("files", []), *(ort_rec.get("uses", []) if ort_rec.get("files") else [])]
+        validate_sha = {**opt_sha, **{f: manifest["files"][f]["sha256"] for f in ort_inputs}}
+
+        # 4. validation on onnxruntime
+        if o.validate:
+            files = [OPT_ONNX_FILE, *([ORT_ONNX_FILE] if ORT_ONNX_FILE in ort_rec.get("files", []) else [])]
+            self._validate_onnx(spec, folder, manifest, validate_sha, files, report, note)
+
+        # 5. TensorRT plan (from the backend-neutral model.opt.onnx)
         if o.backend == "tensorrt":
             self._build_plan(spec, folder, manifest, status, report, note, opt_sha)
 
@@ -268,12 +314,14 @@ class ArtifactBuilder:
                 batches.append(other)
         return batches
 
-    def _validate_onnx(self, spec, folder, manifest, opt_sha, report, note) -> None:
-        from .validate import validate_onnx
+    def _validate_onnx(self, spec, folder, manifest, onnx_sha, files, report, note) -> None:
+        """Validate every file of ``files`` (the optimized model, and ``model.ort.onnx`` when there is one:
+        that is what onnxruntime runs) against torch on the same inputs; ``onnx_sha`` covers what they read."""
+        from .validate import validate_onnx_files
 
         o = self.options
         batches = self._validation_batches()
-        key = stage_key(onnx=opt_sha, onnxruntime=self.versions["onnxruntime"],
+        key = stage_key(onnx=onnx_sha, onnxruntime=self.versions["onnxruntime"],
                         tolerance=list(spec.tolerance_for(o.precision)), batches=batches)
         cached = manifest["validation"].get("onnxruntime")
         if not o.force and cached and cached.get("key") == key and cached.get("passed") and o.validation_seed is None:
@@ -282,7 +330,8 @@ class ArtifactBuilder:
             return
         note("validate")
         start = time.perf_counter()
-        checks = validate_onnx(spec, self.pipe, folder / OPT_ONNX_FILE, o.precision, batches, o.validation_seed)
+        checks = validate_onnx_files(spec, self.pipe, [folder / f for f in files], o.precision, batches,
+                                     o.validation_seed)
         seconds = time.perf_counter() - start
         rows = [c.to_json() for c in checks]
         manifest["validation"]["onnxruntime"] = {"key": key, "passed": all(c.passed for c in checks),
@@ -383,7 +432,7 @@ class ArtifactBuilder:
             for r in recs:
                 for f in r.get("files", []):
                     manifest["files"].pop(f, None)
-                    if stage == "plans":
+                    if stage in ("plans", "ort_fusion"):  # derived files that a rebuild may not write again
                         with contextlib.suppress(OSError):
                             (folder / f).unlink()
 

@@ -51,6 +51,8 @@ class OutputCheck:
     seed: int
     seconds: float
     error: str = ""
+    #: the ONNX file checked (``model.opt.onnx``, ``model.ort.onnx``); empty when not recorded
+    model: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,13 +88,13 @@ def ort_session(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecuti
 
 
 def compare(spec: GraphSpec, precision: str, backend: str, batch: int, seed: int, name: str,
-            got: np.ndarray, ref: torch.Tensor, seconds: float) -> OutputCheck:
+            got: np.ndarray, ref: torch.Tensor, seconds: float, model: str = "") -> OutputCheck:
     """Compare one output; never raises (the result says what failed)."""
     atol, rtol = spec.tolerance_for(precision)
     ref64 = ref.detach().double().cpu().numpy()
     got64 = np.asarray(got, dtype=np.float64)
     common = dict(graph=spec.name, precision=precision, backend=backend, batch=batch, output=name,
-                  atol=atol, rtol=rtol, seed=seed, seconds=seconds)
+                  atol=atol, rtol=rtol, seed=seed, seconds=seconds, model=model)
     if got64.shape != ref64.shape:
         return OutputCheck(**common, max_abs=float("inf"), max_ref=float(np.abs(ref64).max(initial=0)),
                            ratio=float("inf"), finite=False, passed=False,
@@ -144,25 +146,41 @@ def validate_onnx(spec: GraphSpec, pipe: Any, onnx_path: str | os.PathLike, prec
     """Run the ONNX file on onnxruntime's CPU provider and the float32 torch module on the same fresh
     inputs at every batch size in ``batches``; one :class:`OutputCheck` per output and batch. Raises
     nothing for a mismatch (see :func:`raise_on_failure`)."""
+    return validate_onnx_files(spec, pipe, [onnx_path], precision, batches, seed, module)
+
+
+def validate_onnx_files(spec: GraphSpec, pipe: Any, onnx_paths: Sequence[str | os.PathLike], precision: str = "fp32",
+                        batches: Iterable[int] = (1,), seed: int | None = None,
+                        module: torch.nn.Module | None = None) -> list[OutputCheck]:
+    """:func:`validate_onnx` for several ONNX files of one graph (``model.opt.onnx`` and ``model.ort.onnx``)
+    on the same inputs: the torch reference runs once per batch, the sessions one at a time (one copy of
+    the weights in onnxruntime at a time). Each check names its file in ``model``."""
     seed = fresh_seed() if seed is None else int(seed)
     module = module if module is not None else spec.build_module(pipe)
-    sess = ort_session(onnx_path, low_memory=True)
-    checks = []
+    cases = []
     for i, batch in enumerate(batches):
         feeds, ref_feeds = draw_inputs(spec, pipe, batch, seed + i, precision)
-        ref = torch_reference(module, spec, ref_feeds)
-        start = time.perf_counter()
-        outs = sess.run(list(spec.output_names), {k: v.cpu().numpy() for k, v in feeds.items()})
-        seconds = time.perf_counter() - start
-        for name, got in zip(spec.output_names, outs):
-            checks.append(compare(spec, precision, "onnxruntime", batch, seed + i, name, got, ref[name], seconds))
+        cases.append((batch, seed + i, {k: v.cpu().numpy() for k, v in feeds.items()},
+                      torch_reference(module, spec, ref_feeds)))
+    checks = []
+    for path in onnx_paths:
+        sess = ort_session(path, low_memory=True)
+        for batch, case_seed, feeds, ref in cases:
+            start = time.perf_counter()
+            outs = sess.run(list(spec.output_names), feeds)
+            seconds = time.perf_counter() - start
+            for name, got in zip(spec.output_names, outs):
+                checks.append(compare(spec, precision, "onnxruntime", batch, case_seed, name, got, ref[name],
+                                      seconds, model=os.path.basename(os.fspath(path))))
+        del sess
     return checks
 
 
 def raise_on_failure(checks: Iterable[OutputCheck]) -> None:
     for c in checks:
         if not c.passed:
-            raise ValidationError(f"{c.graph} ({c.precision}, batch {c.batch})", c.output, c.error, c.backend)
+            model = f", {c.model}" if c.model else ""
+            raise ValidationError(f"{c.graph} ({c.precision}, batch {c.batch}{model})", c.output, c.error, c.backend)
 
 
 def format_table(rows: Iterable[Mapping[str, Any] | OutputCheck]) -> str:
@@ -172,7 +190,8 @@ def format_table(rows: Iterable[Mapping[str, Any] | OutputCheck]) -> str:
     for r in rows:
         r = r.to_json() if isinstance(r, OutputCheck) else r
         result = "ok" if r["passed"] else ("NaN/Inf" if not r["finite"] else "FAIL")
-        lines.append(f"| {r['graph']} | {r['precision']} | {r['backend']} | {r['batch']} | {r['output']} | "
+        backend = f"{r['backend']} ({r['model']})" if r.get("model") else r["backend"]
+        lines.append(f"| {r['graph']} | {r['precision']} | {backend} | {r['batch']} | {r['output']} | "
                      f"{r['max_abs']:.2e} | {r['max_ref']:.3g} | {r['atol']:g} | {r['rtol']:g} | "
                      f"{r['ratio']:.3f} | {result}{' (cached)' if r.get('cached') else ''} |")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ Layout::
     <root>/<model_hash>/<graph>/<precision>-<shape_key>/
         model.onnx            (+ model.onnx.data when the graph is over 2 GB)
         model.opt.onnx        constant-folded, shape-inferred; reads model.onnx.data when there is one
+        model.ort.onnx        stage graphs only: model.opt.onnx with attention as com.microsoft.MultiHeadAttention
+                              (onnxruntime only; absent when nothing was fused); same data file
         <gpu-slug>-trt<version>.plan                  one per GPU and TensorRT version
         manifest.json                                  written last
 
@@ -46,6 +48,7 @@ __all__ = [
     "RUNTIME_JSON",
     "ONNX_FILE",
     "OPT_ONNX_FILE",
+    "ORT_ONNX_FILE",
     "ArtifactError",
     "ArtifactEntry",
     "ArtifactStore",
@@ -69,6 +72,8 @@ RUNTIME_JSON = "runtime.json"
 TOKENIZER_DIR = "tokenizer"
 ONNX_FILE = "model.onnx"
 OPT_ONNX_FILE = "model.opt.onnx"
+#: the optimized model with onnxruntime contrib ops (com.microsoft.MultiHeadAttention); TensorRT cannot parse it
+ORT_ONNX_FILE = "model.ort.onnx"
 #: protobuf cannot hold more than 2 GiB: above this the weights go to ``<model file>.data``
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
@@ -359,8 +364,15 @@ class ArtifactEntry:
 
     @property
     def opt_onnx_path(self) -> Path | None:
-        """The optimized ONNX (what onnxruntime and TensorRT should load)."""
+        """The optimized, backend-neutral ONNX (what TensorRT loads, and onnxruntime when there is no
+        :attr:`ort_onnx_path`)."""
         return self._file(OPT_ONNX_FILE)
+
+    @property
+    def ort_onnx_path(self) -> Path | None:
+        """The optimized ONNX with onnxruntime contrib ops (attention as ``com.microsoft.MultiHeadAttention``):
+        what onnxruntime should load when there is one. None when the export fused nothing (or predates it)."""
+        return self._file(ORT_ONNX_FILE)
 
     @property
     def plans(self) -> dict[str, dict[str, Any]]:

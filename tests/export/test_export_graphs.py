@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from profusion_rt.artifacts.specs import GRAPHS
-from profusion_rt.artifacts.store import ONNX_FILE, OPT_ONNX_FILE, ArtifactStore, shape_key
+from profusion_rt.artifacts.store import ONNX_FILE, OPT_ONNX_FILE, ORT_ONNX_FILE, ArtifactStore, shape_key
 
 GRAPH_NAMES = list(GRAPHS)
+#: graphs that also get model.ort.onnx (attention fused for onnxruntime; tests/export/test_ort_fusion.py)
+ORT_GRAPHS = ("fusion_stage", "refinement_stage")
 
 
 def _entry(tiny_export, graph):
@@ -27,7 +29,8 @@ def _entry(tiny_export, graph):
 def test_graph_exports_and_validates(tiny_export, graph):
     _, _, reports = tiny_export
     report = reports[graph]
-    assert report.stages == {"onnx": "built", "optimize": "built", "validate": "built"}
+    fused = {"ort_fusion": "built"} if graph in ORT_GRAPHS else {}
+    assert report.stages == {"onnx": "built", "optimize": "built", **fused, "validate": "built"}
     assert {c["batch"] for c in report.checks} == {1, 2}
     outputs = {c["output"] for c in report.checks}
     assert outputs == set(GRAPHS[graph].output_names)
@@ -36,7 +39,7 @@ def test_graph_exports_and_validates(tiny_export, graph):
         assert c["ratio"] <= 1.0
     entry = _entry(tiny_export, graph)
     assert entry.validation["onnxruntime"]["passed"]
-    assert set(entry.files) == {ONNX_FILE, OPT_ONNX_FILE}
+    assert set(entry.files) == {ONNX_FILE, OPT_ONNX_FILE, *([ORT_ONNX_FILE] if fused else [])}
     for name in ("torch", "onnx", "onnxruntime", "tensorrt"):
         assert name in entry.manifest["versions"]
     assert entry.manifest["opset"] == 18
