@@ -48,7 +48,9 @@ def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precisi
     engines, digest = [], model_hash(pipe)
     for graph in ("fusion_stage", "refinement_stage"):
         entry = select_artifact(artifacts, digest, graph, precision)
-        engines.append(OrtEngine(entry.opt_onnx_path or entry.onnx_path, device=pipe.device, threads=threads,
+        # the onnxruntime-specific graph (fused attention) when the export wrote one, else the neutral one
+        path = entry.ort_onnx_path or entry.opt_onnx_path or entry.onnx_path
+        engines.append(OrtEngine(path, device=pipe.device, threads=threads,
                                  batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
     return engines[0], engines[1]
 
