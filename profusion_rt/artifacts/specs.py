@@ -394,7 +394,7 @@ def _build(kind: str) -> Callable[[Any], nn.Module]:
 
 
 _TEXT = ("models/text.py",)
-_STAGE_SOURCES = ("models/stages.py", "models/text.py", "models/promptnet.py", "sampling/__init__.py",
+_STAGE_SOURCES = ("models/stages.py", "models/shared_prefix.py", "models/text.py", "models/promptnet.py", "sampling/__init__.py",
                   "sampling/ddim.py", "sampling/fusion.py", "sampling/guidance.py")
 
 _LATENT = ("B", "C", "h", "w")

@@ -4,8 +4,9 @@
 UNet on [∅, C[γS*]] -> fusion guidance -> variance-preserving re-noise of x_t.
 ``RefinementStage``: PromptNet -> text encoder with S* -> UNet on [∅, C[S*], C~] -> guidance -> DDIM step.
 
-They compose the same modules and the same :mod:`profusion_rt.sampling` functions as the eager pipeline,
-with every per-step and per-request scalar passed as a tensor (so one exported graph, or one compiled
+They compose the same modules and the same :mod:`profusion_rt.sampling` functions as the eager pipeline
+(the UNet's context-free prefix is computed once for the k conditionings, see
+:mod:`profusion_rt.models.shared_prefix`), with every per-step and per-request scalar passed as a tensor (so one exported graph, or one compiled
 graph, serves every step and every request of the same shape). The scalars are packed per step:
 
 * fusion ``scalars`` = [c_eps, c_noise, fusion_guidance_scale, fusion_embedding_scale]
@@ -24,6 +25,7 @@ from torch import nn
 
 from .. import sampling
 from . import text as textenc
+from .shared_prefix import shared_prefix_eps
 
 FUSION_INPUTS = ("x", "timestep", "scalars", "ref_latents", "image_tokens", "token_embeds",
                  "placeholder_mask", "empty_context", "noise")
@@ -41,10 +43,17 @@ def placeholder_conditioning(promptnet: nn.Module, text_encoder: nn.Module, text
 
 
 def guided_eps(unet: nn.Module, x: torch.Tensor, timestep: torch.Tensor,
-               contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """One UNet call on len(contexts) conditionings sharing x_t; one ε per conditioning."""
+               contexts: Sequence[torch.Tensor], shared_prefix: bool = False) -> list[torch.Tensor]:
+    """One UNet call on len(contexts) conditionings sharing x_t; one ε per conditioning.
+
+    ``shared_prefix``: compute the UNet's context-free prefix once instead of k times
+    (:mod:`profusion_rt.models.shared_prefix`; same result up to float rounding). The eager reference
+    pipeline uses the plain batched call; the fused stages use the shared prefix."""
     k = len(contexts)
-    out = unet(torch.cat([x] * k), timestep, encoder_hidden_states=torch.cat(list(contexts))).sample
+    if shared_prefix:
+        out = shared_prefix_eps(unet, x, timestep, contexts)
+    else:
+        out = unet(torch.cat([x] * k), timestep, encoder_hidden_states=torch.cat(list(contexts))).sample
     # reshape + unbind, not chunk: chunk makes the exporter freeze the batch size.
     return list(out.reshape(k, x.shape[0], *out.shape[1:]).unbind(0))
 
@@ -62,7 +71,7 @@ class _Stage(nn.Module):
                                         ref_latents, image_tokens, token_embeds, placeholder_mask, scale)
 
     def eps(self, x: torch.Tensor, timestep: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return guided_eps(self.unet, x, timestep, contexts)
+        return guided_eps(self.unet, x, timestep, contexts, shared_prefix=True)
 
 
 class FusionStage(_Stage):

@@ -33,8 +33,9 @@ def _check(runtime, eager, astronaut, **extra):
 
 def test_torch_backend_matches_eager(torch_runtime, eager, astronaut):
     out, parity = _check(torch_runtime, eager, astronaut)
-    # Same modules, same math, same order: the fused stages are bit-identical on the CPU.
-    assert parity.latent_max_abs == 0.0
+    # Same modules and math; only the UNet's shared prefix is computed once instead of k times, which
+    # changes float rounding (not bit-identical since then), far inside the parity bound.
+    assert parity.latent_max_rel <= 1e-5, parity
     assert out.seeds == eager.seeds
 
 
