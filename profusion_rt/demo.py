@@ -2,8 +2,8 @@
 
 1. exports the tiny model's fused stage graphs (and the VAE decoder) to ONNX, validated against PyTorch;
 2. runs every available backend on the same seed, each in its own process (eager reference, fused eager
-   torch, torch.compile, onnxruntime, TensorRT when present), with one warm-up call and repeated timed
-   runs;
+   torch, torch.compile, onnxruntime, TensorRT when present): one warm-up call each, then rounds of one
+   timed run per backend (interleaved, so load changes on a shared machine hit all backends alike);
 3. writes each backend's image, and prints and writes a parity and speed table against the eager
    reference (``demo_table.md``, ``demo_results.json``).
 """
@@ -64,11 +64,56 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_interleaved(jobs: dict[str, dict], repeats: int, log=print) -> dict[str, dict]:
+    """Every job in its own live worker process (``benchmarks.worker --serve``), only one active at a time:
+    each one's first (warm-up) call, then ``repeats`` rounds of one timed call per backend in a rotating
+    order, so a change in machine load during the demo hits every backend alike. Returns name -> row."""
+    from benchmarks.runner import WorkerError, WorkerSession
+
+    results: dict[str, dict] = {}
+    live: dict[str, WorkerSession] = {}
+
+    def fail(name: str, exc: Exception) -> None:
+        results[name] = {"name": name, "ok": False, "reason": str(exc)}
+        log(f"      {name}: FAILED ({exc})")
+        session = live.pop(name, None)
+        if session is not None:
+            session.kill()
+            session.close()
+
+    try:
+        for name, job in jobs.items():
+            try:
+                live[name] = WorkerSession(job)
+                live[name].request({"cmd": "call", "kind": "first"}, timeout=1800)
+            except WorkerError as exc:
+                fail(name, exc)
+        for i in range(max(repeats, 1)):
+            names = list(live)
+            for name in names[i % max(len(names), 1):] + names[:i % max(len(names), 1)]:
+                try:
+                    live[name].request({"cmd": "call", "kind": "timed"}, timeout=1800)
+                except WorkerError as exc:
+                    fail(name, exc)
+        for name in list(live):
+            try:
+                res = live.pop(name).finish()
+            except WorkerError as exc:
+                fail(name, exc)
+                continue
+            results[name] = {"name": name, "ok": True, **res.result, "_latents": res.latents, "_images": res.images}
+            log(f"      {name}: median {res.result['median_s']:.2f} s (first call {res.result['first_call_s']:.2f} s)")
+    finally:
+        for session in live.values():
+            session.kill()
+            session.close()
+    return results
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from benchmarks.runner import run_in_subprocess
     from .image_io import save_image
     from .pipeline import ProFusionPipeline
     from .runtime import available_backends
@@ -98,7 +143,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
             raise InvalidParameterError(f"unknown backend {name!r} in --backends; choose from {', '.join(BACKEND_ORDER)}")
     print(f"[2/3] running every backend in its own process: {args.steps} steps, 1 fusion step, seed {args.seed}, "
-          f"{args.repeats} timed runs after one warm-up, {threads} threads")
+          f"one warm-up call, then {args.repeats} timed rounds (one run per backend per round, order rotating), "
+          f"{threads} threads")
+    jobs = {}
     results = {}
     for name in BACKEND_ORDER:
         reason = available.get(name, "unknown backend") if name in wanted or name == "eager" else "not requested"
@@ -106,17 +153,10 @@ def run_demo(args: argparse.Namespace) -> int:
             results[name] = {"name": name, "ok": False, "reason": reason}
             print(f"      {name}: skipped ({reason})")
             continue
-        job = {"backend": name, "name": name, "model": "tiny", "request": request, "artifacts": str(artifacts),
-               "warmup": 0, "repeats": args.repeats, "out": str(out / "runs"), "threads": threads,
-               "ort_threads": threads}
-        res = run_in_subprocess(job)
-        if not res.ok:
-            results[name] = {"name": name, "ok": False, "reason": res.reason}
-            print(f"      {name}: FAILED ({res.reason})")
-            continue
-        results[name] = {"name": name, "ok": True, **res.result, "_latents": res.latents, "_images": res.images}
-        print(f"      {name}: median {res.result['median_s']:.2f} s (first call {res.result['first_call_s']:.2f} s)")
-
+        jobs[name] = {"backend": name, "name": name, "model": "tiny", "request": request,
+                      "artifacts": str(artifacts), "warmup": 0, "repeats": args.repeats, "out": str(out / "runs"),
+                      "threads": threads, "ort_threads": threads}
+    results.update(run_interleaved(jobs, args.repeats))
     eager = results["eager"]
     if not eager["ok"]:
         print(f"error: the eager reference failed: {eager['reason']}")
@@ -139,7 +179,7 @@ def run_demo(args: argparse.Namespace) -> int:
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs, torch {torch.__version__}"
     header = (f"ProFusion on the tiny preset (random weights), {args.steps} steps with 1 fusion step, batch 1, "
               f"seed {args.seed}; {machine}; median of {args.repeats} runs after one warm-up call, end to end "
-              "(prepare + loop + decode); every backend in its own process.\n\n")
+              "(prepare + loop + decode); every backend in its own process, timed runs interleaved.\n\n")
     (out / "demo_table.md").write_text(header + table + "\n")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     (out / "demo_results.json").write_text(json.dumps({"machine": machine, "request": request, "results": clean},

@@ -118,3 +118,23 @@ def test_worker_keeps_the_demo_job_format(tmp_path, monkeypatch):
     data = np.load(tmp_path / "torch.npz")
     assert data["latents"].shape == (1, 4, 32, 32) and data["images"].shape == (1, 256, 256, 3)
     assert json.loads((tmp_path / "torch.json").read_text())["name"] == "torch"
+
+
+def test_demo_interleaves_timed_runs_across_live_workers(tmp_path):
+    """The demo keeps one worker per backend alive and gives each the same number of timed runs; a worker
+    that fails is reported with its reason and the others still finish."""
+    import numpy as np
+
+    from profusion_rt.demo import run_interleaved
+
+    base = {"model": "tiny", "artifacts": None, "warmup": 0, "repeats": 2, "out": str(tmp_path), "threads": 1,
+            "request": {"prompt": "a {S*}", "num_inference_steps": 2, "seed": 0, "fusion_steps": 1}}
+    jobs = {"eager": dict(base, backend="eager", name="eager"), "torch": dict(base, backend="torch", name="torch"),
+            "onnxruntime": dict(base, backend="onnxruntime", name="onnxruntime")}  # no artifacts: must fail
+    lines = []
+    results = run_interleaved(jobs, repeats=2, log=lines.append)
+    assert results["eager"]["ok"] and results["torch"]["ok"]
+    assert len(results["eager"]["runs"]) == 2 and len(results["torch"]["runs"]) == 2
+    np.testing.assert_allclose(results["torch"]["_latents"], results["eager"]["_latents"], rtol=0, atol=1e-4)
+    assert not results["onnxruntime"]["ok"] and "artifact" in results["onnxruntime"]["reason"]
+    assert any("onnxruntime: FAILED" in ln for ln in lines)
