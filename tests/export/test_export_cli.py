@@ -14,9 +14,12 @@ def test_export_command_replays_the_shared_export_from_the_cache(tiny_export, ca
     out = capsys.readouterr().out
     assert rc == 0
     assert builder.model_hash in out
-    for graph in ("text_encoder", "image_encoder", "vae_decoder", "unet", "fusion_stage", "refinement_stage"):
+    for graph in ("text_encoder", "image_encoder", "vae_decoder", "unet"):
         assert f"{graph}: onnx cached, optimize cached, validate cached" in out
-    assert out.count("ok (cached)") == 20  # 9 graphs x 2 batches, vae_encoder has 2 outputs
+    for graph in ("fusion_stage", "refinement_stage"):  # + model.ort.onnx, attention fused for onnxruntime
+        assert f"{graph}: onnx cached, optimize cached, ort_fusion cached (28 attention fused" in out
+    # 9 graphs x 2 batches, vae_encoder has 2 outputs, the stage graphs' model.ort.onnx x 2 batches
+    assert out.count("ok (cached)") == 24
     assert "| graph | precision | backend | batch | output |" in out
 
 
@@ -26,7 +29,7 @@ def test_export_command_default_exporter_static(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "dynamo exporter" in out and "text_encoder_placeholder: onnx built" in out
-    assert "| text_encoder_placeholder | fp32 | onnxruntime | 1 | context |" in out
+    assert "| text_encoder_placeholder | fp32 | onnxruntime (model.opt.onnx) | 1 | context |" in out
     assert list(tmp_path.glob("*/text_encoder_placeholder/fp32-r256-b1/model.opt.onnx"))
     assert list(tmp_path.glob("*/runtime.json")) and list(tmp_path.glob("*/tokenizer"))
 
