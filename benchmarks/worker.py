@@ -73,8 +73,8 @@ def _request(job: dict[str, Any], **overrides) -> dict[str, Any]:
 
 
 def create_backend_runtime(pipe, job: dict[str, Any]):
-    """The runtime of ``job['backend']`` over ``pipe`` (``create_runtime``, except that with
-    ``ort_threads`` the onnxruntime engines are built here with that thread count)."""
+    """The runtime of ``job['backend']`` over ``pipe`` (``create_runtime``; ``ort_threads`` sets the
+    onnxruntime engines' thread count)."""
     from profusion_rt.runtime import create_runtime
 
     backend = job["backend"]
@@ -84,21 +84,7 @@ def create_backend_runtime(pipe, job: dict[str, Any]):
     if job.get("compile_mode"):
         options["compile_mode"] = job["compile_mode"]
     if backend == "onnxruntime" and job.get("ort_threads"):
-        from profusion_rt.artifacts.store import model_hash
-        from profusion_rt.errors import InvalidParameterError
-        from profusion_rt.runtime import Runtime
-        from profusion_rt.runtime.backends import select_artifact
-        from profusion_rt.runtime.ort_engine import OrtEngine
-
-        if not job.get("artifacts"):
-            raise InvalidParameterError("the onnxruntime backend needs an artifact folder")
-        engines, digest = [], model_hash(pipe)
-        for graph in ("fusion_stage", "refinement_stage"):
-            entry = select_artifact(Path(job["artifacts"]), digest, graph, job.get("precision") or "fp32")
-            engines.append(OrtEngine(entry.opt_onnx_path or entry.onnx_path, device=pipe.device,
-                                     threads=int(job["ort_threads"]),
-                                     batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
-        return Runtime(pipe, engines[0], engines[1], backend=backend, use_cuda_graph=False)
+        options["threads"] = int(job["ort_threads"])
     return create_runtime(pipe, backend, artifacts=job.get("artifacts"), use_cuda_graph=job.get("use_cuda_graph"),
                           **options)
 
@@ -249,7 +235,7 @@ def _ort_stage_call(pipe, job: dict[str, Any], graph: str, batch: int):
     lo, hi = entry.dynamic_batch or (entry.batch, entry.batch)
     if not lo <= batch <= hi:
         raise ValueError(f"artifact batch range {lo}..{hi} excludes batch {batch}")
-    engine = OrtEngine(entry.opt_onnx_path or entry.onnx_path, device=pipe.device,
+    engine = OrtEngine(entry.ort_onnx_path or entry.opt_onnx_path or entry.onnx_path, device=pipe.device,
                        threads=job.get("ort_threads") or job.get("threads"), batch_range=(lo, hi))
     feeds = spec.sample_inputs(pipe, batch=batch, seed=0)
     shapes = spec.resolve_shapes(pipe, batch)

@@ -38,8 +38,9 @@ class OrtEngine:
     :class:`BackendUnavailableError`.
 
     Weight hot-swap: :meth:`update_weights` re-creates the session with the named initializers overridden
-    (``SessionOptions.add_initializer``); this needs a graph whose weights kept their parameter names (the
-    un-folded ``model.onnx``).
+    (``SessionOptions.add_initializer``). Each weight is located in the graph by its parameter name or, where
+    the exporter renamed or transposed it, by its content (:func:`weight_map`); the exported, optimized and
+    attention-fused graphs all keep the weights as initializers, so any of them can be swapped.
     """
 
     graph_capturable = False
