@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (after one warm-up call)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds: one run per backend each (after one warm-up call)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch / onnxruntime threads per backend process (default: all cores; use 1 on a busy "
                         "machine, where torch's OpenMP pool can run many times slower)")
