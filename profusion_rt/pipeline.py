@@ -10,6 +10,11 @@ Randomness (all drawn up front, on the CPU, so every device and backend sees the
   ``torch.Generator().manual_seed(reference_seed(seed))`` of the batch's first seed, so
   ``pipe(reference_image=img, seed=s)`` equals ``pipe(reference=pipe.encode_reference(img, seed=s), seed=s)``.
 
+Structure: :class:`RequestPreparation` computes a request's constants (``prepare``) and decodes; it calls
+the networks through an :class:`Encoders` seam (:class:`TorchEncoders`: the pipeline's torch modules), which
+the artifact-only runtime fills with exported graphs. :class:`ProFusionPipeline` adds the components and the
+sampling loop (``denoise``).
+
 Official-code names, for readers who know them: ``fusion_steps`` = ``refine_step``,
 ``fusion_guidance_scale`` = ``refine_guidance_scale``, ``fusion_eta`` = ``refine_eta``,
 ``fusion_embedding_scale`` = ``refine_emb_scale``, ``reference_guidance_scale`` = ``guidance_scale_ref``.
@@ -21,7 +26,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -131,10 +136,224 @@ class SamplingParams:
             raise InvalidParameterError(f"fusion_eta must be in [0, 1], got {self.fusion_eta!r}")
 
 
-class ProFusionPipeline:
+class Encoders(Protocol):
+    """The network calls of request preparation and decoding: the seam between the algorithm and where
+    the networks run. :class:`TorchEncoders` (the default) calls the pipeline's torch modules; the
+    artifact-only runtime (:mod:`profusion_rt.runtime.artifact_pipeline`) runs the exported graphs behind
+    the same methods, so both share :class:`RequestPreparation` line for line."""
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 ids -> token + position embeddings (B, L, D)."""
+
+    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids of prompts without placeholder (∅, C~) -> their conditioning (B, L, D)."""
+
+    def encode_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) token embeddings of prompts without placeholder -> their conditioning (plain SD2 C)."""
+
+    def reference_latents(self, pixels: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+        """[0, 1] pixels -> scaled z_ref: the VAE posterior mean, or (``"sample"``) a draw whose noise comes
+        from ``generator`` on the CPU."""
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels at the model resolution -> CLIP image tokens (B, T, V)."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+
+
+class TorchEncoders:
+    """:class:`Encoders` over a pipeline's torch modules (read at each call, so swapped modules are used)."""
+
+    def __init__(self, pipe: "ProFusionPipeline"):
+        self.pipe = pipe
+
+    def token_embeddings(self, input_ids):
+        return textenc.token_embeddings(self.pipe.text_encoder, input_ids)
+
+    def encode_ids(self, input_ids):
+        return textenc.encode_plain(self.pipe.text_encoder, input_ids, self.pipe.text_skip_layers)
+
+    def encode_embeddings(self, embeds):
+        return textenc.run_text_layers(self.pipe.text_encoder, embeds, self.pipe.text_skip_layers)
+
+    def reference_latents(self, pixels, mode, generator):
+        return vae_encode(self.pipe.vae, pixels, mode, generator)
+
+    def image_tokens(self, pixels):
+        return image_tokens(self.pipe.image_encoder, pixels)
+
+    def decode_latents(self, latents):
+        vae = self.pipe.vae
+        y = vae.decode(latents / vae.config.scaling_factor).sample
+        return (y / 2 + 0.5).clamp(0, 1)
+
+
+class RequestPreparation:
+    """Per-request constants (validation, tokenization, reference features, noise, step tables) and
+    decoding: everything of a request outside the sampling loop. Shared by :class:`ProFusionPipeline` and
+    the artifact-only runtime; the networks are called through ``self.encoders`` (:class:`Encoders`).
+
+    A subclass provides ``encoders``, ``tokenizer``, ``scheduler_config`` (the DDIM scheduler's config),
+    ``resolution``, ``latent_shape``, ``device`` and ``dtype``.
+    """
+
+    # -- per-request constants -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_reference(self, image, mode: str = "sample", seed: int = 0) -> ReferenceEncoding:
+        """Reference image(s) -> z_ref and CLIP image tokens. ``image``: a path, PIL image, array or bytes,
+        or a list of them. ``mode``: "sample" (seeded VAE posterior draw, as the official code) or "mean"."""
+        if mode not in ("sample", "mean"):
+            raise InvalidParameterError(f"reference mode must be 'sample' or 'mean', got {mode!r}")
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise InvalidParameterError("no reference image given")
+        pixels = torch.stack(
+            [pil_to_tensor(center_crop_resize(load_image(im), self.resolution)) for im in images]
+        ).to(self.device, self.dtype)
+        generator = torch.Generator().manual_seed(reference_seed(seed))
+        latents = self.encoders.reference_latents(pixels, mode, generator)
+        tokens = self.encoders.image_tokens(pixels)
+        return ReferenceEncoding(latents=latents, image_tokens=tokens.to(self.dtype))
+
+    def _tokenize(self, prompts: Sequence[str], allow_placeholder: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = [], []
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
+            row, index = tokenize_prompt(self.tokenizer, prompt)
+            if index is not None and not allow_placeholder:
+                raise PromptError(f"the prompt {prompt!r} contains {PLACEHOLDER} but no reference image was given")
+            if index is None and allow_placeholder:
+                raise PromptError(
+                    f"the prompt {prompt!r} has no {PLACEHOLDER} placeholder, but a reference image was given"
+                )
+            m = torch.zeros(row.shape[0])
+            if index is not None:
+                m[index] = 1.0
+            ids.append(row)
+            mask.append(m)
+        return torch.stack(ids).to(self.device), torch.stack(mask).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], class_word: str | None, with_reference: bool,
+                       counts: Sequence[int]) -> EncodedPrompts:
+        """Token embeddings of C[S*] (S* is inserted per stage call) and the constant ∅ and C~ contexts."""
+        ids, mask = self._tokenize(prompts, allow_placeholder=with_reference)
+        rep = torch.tensor(list(counts), device=self.device)
+        encoders = self.encoders
+        embeds = encoders.token_embeddings(ids)
+        empty_ids, _ = self._tokenize([""], allow_placeholder=False)
+        empty = encoders.encode_ids(empty_ids)
+        if with_reference:
+            word = class_word if class_word is not None else "person"
+            class_ids, _ = self._tokenize([replace_placeholder(p, word) for p in prompts], allow_placeholder=False)
+            class_context = encoders.encode_ids(class_ids).repeat_interleave(rep, 0)
+        else:
+            class_context = None
+        total = int(sum(counts))
+        return EncodedPrompts(
+            embeds=embeds.repeat_interleave(rep, 0),
+            placeholder_mask=mask.repeat_interleave(rep, 0),
+            empty=empty.expand(total, -1, -1),
+            class_context=class_context,
+        )
+
+    def draw_noise(self, seeds: Sequence[int], steps: int, fusion_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_T (B, 4, h, w) and the fusion noise (steps, fusion_steps, B, 4, h, w), float32 on the CPU."""
+        shape = self.latent_shape
+        xs, zs = [], []
+        for s in seeds:
+            g = torch.Generator().manual_seed(int(s))
+            xs.append(torch.randn((1, *shape), generator=g))
+            zs.append(torch.randn((steps, fusion_steps, 1, *shape), generator=g))
+        return torch.cat(xs, 0), torch.cat(zs, 2)
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        reference_image=None,
+        prompt: str | Sequence[str] = "a {S*}",
+        class_word: str | None = "person",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        reference_guidance_scale: float = 5.0,
+        fusion_steps: int = 1,
+        fusion_guidance_scale: float = 7.0,
+        fusion_eta: float = 1.0,
+        fusion_embedding_scale: float = 0.6,
+        seed: int | Sequence[int] = 0,
+        latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        reference: ReferenceEncoding | None = None,
+        num_images_per_prompt: int = 1,
+        reference_mode: str = "sample",
+    ) -> PreparedRequest:
+        """Validate a request and compute its constants once: reference features, prompt embeddings and
+        placeholder mask, the ∅ and C~ contexts, x_T and all fusion noise, and the per-step tables."""
+        params = SamplingParams(num_inference_steps, guidance_scale, reference_guidance_scale, fusion_steps,
+                                fusion_guidance_scale, fusion_eta, fusion_embedding_scale)
+        params.validate()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise PromptError("no prompt given")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InvalidParameterError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        counts = [num_images_per_prompt] * len(prompts)
+        seeds = resolve_seeds(seed, sum(counts))
+        with_reference = reference_image is not None or reference is not None
+        device, dtype = self.device, self.dtype
+
+        # Tokenize first: prompt errors are reported before any network runs.
+        encoded = self.encode_prompts(prompts, class_word, with_reference, counts)
+        if with_reference and reference is None:
+            reference = self.encode_reference(reference_image, mode=reference_mode, seed=seeds[0])
+        if reference is not None and len(reference) not in (1, len(prompts)):
+            raise InvalidParameterError(
+                f"{len(reference)} reference images for {len(prompts)} prompts; give one, or one per prompt"
+            )
+
+        # All randomness up front.
+        fusion = params.fusion_steps if with_reference else 0
+        schedule = sampling.DDIMSchedule.create(self.scheduler_config, params.num_inference_steps)
+        x_init, z = self.draw_noise(seeds, params.num_inference_steps, fusion)
+        x = check_tensor("latents", latents, x_init.shape) if latents is not None else x_init
+        if noise is not None:
+            z = check_tensor("noise", noise, z.shape)
+        # Without a reference the pipeline is plain SD2 classifier-free guidance: C is constant.
+        plain = None if with_reference else self.encoders.encode_embeddings(encoded.embeds)
+        tables = step_tables(schedule, params.guidance_scale, params.reference_guidance_scale,
+                             params.fusion_guidance_scale, params.fusion_eta, params.fusion_embedding_scale)
+        return PreparedRequest(
+            params=params,
+            seeds=seeds,
+            fusion_steps=fusion,
+            use_class=with_reference and params.reference_guidance_scale != 0,
+            reference=reference.expand(counts) if reference is not None else None,
+            prompts=encoded,
+            plain_context=plain,
+            latents=x.to(device, dtype),
+            noise=z.to(device, dtype),
+            tables=tables.to(device),
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents -> images: VAE decode of x / scaling_factor, then (y / 2 + 0.5) clamped to [0, 1]."""
+        if output_type == "latent":
+            return latents
+        images = self.encoders.decode_latents(latents).float().cpu()
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).numpy()
+        return [tensor_to_pil(im) for im in images]
+
+
+class ProFusionPipeline(RequestPreparation):
     """ProFusion on Stable Diffusion 2: PromptNet turns a reference photo into S*, Fusion Sampling generates.
 
     Components are attributes: ``unet, vae, text_encoder, image_encoder, tokenizer, promptnet, scheduler``.
+    ``prepare``, ``encode_reference``, ``encode_prompts`` and ``decode`` come from :class:`RequestPreparation`,
+    running these modules through :class:`TorchEncoders`.
     """
 
     def __init__(
@@ -228,151 +447,19 @@ class ProFusionPipeline:
         side = self.resolution // self.vae_scale_factor
         return (int(self.unet.config.in_channels), side, side)
 
-    # -- per-request constants -------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_reference(self, image, mode: str = "sample", seed: int = 0) -> ReferenceEncoding:
-        """Reference image(s) -> z_ref and CLIP image tokens. ``image``: a path, PIL image, array or bytes,
-        or a list of them. ``mode``: "sample" (seeded VAE posterior draw, as the official code) or "mean"."""
-        if mode not in ("sample", "mean"):
-            raise InvalidParameterError(f"reference mode must be 'sample' or 'mean', got {mode!r}")
-        images = image if isinstance(image, (list, tuple)) else [image]
-        if not images:
-            raise InvalidParameterError("no reference image given")
-        pixels = torch.stack(
-            [pil_to_tensor(center_crop_resize(load_image(im), self.resolution)) for im in images]
-        ).to(self.device, self.dtype)
-        generator = torch.Generator().manual_seed(reference_seed(seed))
-        latents = vae_encode(self.vae, pixels, mode, generator)
-        tokens = image_tokens(self.image_encoder, pixels)
-        return ReferenceEncoding(latents=latents, image_tokens=tokens.to(self.dtype))
+    @property
+    def scheduler_config(self):
+        return self.scheduler.config
 
-    def _tokenize(self, prompts: Sequence[str], allow_placeholder: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = [], []
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise PromptError(f"a prompt must be a string, got {type(prompt).__name__}")
-            row, index = tokenize_prompt(self.tokenizer, prompt)
-            if index is not None and not allow_placeholder:
-                raise PromptError(f"the prompt {prompt!r} contains {PLACEHOLDER} but no reference image was given")
-            if index is None and allow_placeholder:
-                raise PromptError(
-                    f"the prompt {prompt!r} has no {PLACEHOLDER} placeholder, but a reference image was given"
-                )
-            m = torch.zeros(row.shape[0])
-            if index is not None:
-                m[index] = 1.0
-            ids.append(row)
-            mask.append(m)
-        return torch.stack(ids).to(self.device), torch.stack(mask).to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], class_word: str | None, with_reference: bool,
-                       counts: Sequence[int]) -> EncodedPrompts:
-        """Token embeddings of C[S*] (S* is inserted per stage call) and the constant ∅ and C~ contexts."""
-        ids, mask = self._tokenize(prompts, allow_placeholder=with_reference)
-        rep = torch.tensor(list(counts), device=self.device)
-        te, skip = self.text_encoder, self.text_skip_layers
-        embeds = textenc.token_embeddings(te, ids)
-        empty_ids, _ = self._tokenize([""], allow_placeholder=False)
-        empty = textenc.encode_plain(te, empty_ids, skip)
-        if with_reference:
-            word = class_word if class_word is not None else "person"
-            class_ids, _ = self._tokenize([replace_placeholder(p, word) for p in prompts], allow_placeholder=False)
-            class_context = textenc.encode_plain(te, class_ids, skip).repeat_interleave(rep, 0)
-        else:
-            class_context = None
-        total = int(sum(counts))
-        return EncodedPrompts(
-            embeds=embeds.repeat_interleave(rep, 0),
-            placeholder_mask=mask.repeat_interleave(rep, 0),
-            empty=empty.expand(total, -1, -1),
-            class_context=class_context,
-        )
-
-    def draw_noise(self, seeds: Sequence[int], steps: int, fusion_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_T (B, 4, h, w) and the fusion noise (steps, fusion_steps, B, 4, h, w), float32 on the CPU."""
-        shape = self.latent_shape
-        xs, zs = [], []
-        for s in seeds:
-            g = torch.Generator().manual_seed(int(s))
-            xs.append(torch.randn((1, *shape), generator=g))
-            zs.append(torch.randn((steps, fusion_steps, 1, *shape), generator=g))
-        return torch.cat(xs, 0), torch.cat(zs, 2)
+    @property
+    def encoders(self) -> TorchEncoders:
+        return TorchEncoders(self)
 
     # -- the algorithm ---------------------------------------------------------------------------------
     def _conditioning(self, ref: ReferenceEncoding, prompts: EncodedPrompts, x: torch.Tensor,
                       t: torch.Tensor, scale) -> torch.Tensor:
         return placeholder_conditioning(self.promptnet, self.text_encoder, self.text_skip_layers, x, t,
                                         ref.latents, ref.image_tokens, prompts.embeds, prompts.placeholder_mask, scale)
-
-    @torch.no_grad()
-    def prepare(
-        self,
-        reference_image=None,
-        prompt: str | Sequence[str] = "a {S*}",
-        class_word: str | None = "person",
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.0,
-        reference_guidance_scale: float = 5.0,
-        fusion_steps: int = 1,
-        fusion_guidance_scale: float = 7.0,
-        fusion_eta: float = 1.0,
-        fusion_embedding_scale: float = 0.6,
-        seed: int | Sequence[int] = 0,
-        latents: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        reference: ReferenceEncoding | None = None,
-        num_images_per_prompt: int = 1,
-        reference_mode: str = "sample",
-    ) -> PreparedRequest:
-        """Validate a request and compute its constants once: reference features, prompt embeddings and
-        placeholder mask, the ∅ and C~ contexts, x_T and all fusion noise, and the per-step tables."""
-        params = SamplingParams(num_inference_steps, guidance_scale, reference_guidance_scale, fusion_steps,
-                                fusion_guidance_scale, fusion_eta, fusion_embedding_scale)
-        params.validate()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise PromptError("no prompt given")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise InvalidParameterError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        counts = [num_images_per_prompt] * len(prompts)
-        seeds = resolve_seeds(seed, sum(counts))
-        with_reference = reference_image is not None or reference is not None
-        device, dtype = self.device, self.dtype
-
-        # Tokenize first: prompt errors are reported before any network runs.
-        encoded = self.encode_prompts(prompts, class_word, with_reference, counts)
-        if with_reference and reference is None:
-            reference = self.encode_reference(reference_image, mode=reference_mode, seed=seeds[0])
-        if reference is not None and len(reference) not in (1, len(prompts)):
-            raise InvalidParameterError(
-                f"{len(reference)} reference images for {len(prompts)} prompts; give one, or one per prompt"
-            )
-
-        # All randomness up front.
-        fusion = params.fusion_steps if with_reference else 0
-        schedule = sampling.DDIMSchedule.create(self.scheduler.config, params.num_inference_steps)
-        x_init, z = self.draw_noise(seeds, params.num_inference_steps, fusion)
-        x = check_tensor("latents", latents, x_init.shape) if latents is not None else x_init
-        if noise is not None:
-            z = check_tensor("noise", noise, z.shape)
-        # Without a reference the pipeline is plain SD2 classifier-free guidance: C is constant.
-        plain = None if with_reference else textenc.run_text_layers(
-            self.text_encoder, encoded.embeds, self.text_skip_layers)
-        tables = step_tables(schedule, params.guidance_scale, params.reference_guidance_scale,
-                             params.fusion_guidance_scale, params.fusion_eta, params.fusion_embedding_scale)
-        return PreparedRequest(
-            params=params,
-            seeds=seeds,
-            fusion_steps=fusion,
-            use_class=with_reference and params.reference_guidance_scale != 0,
-            reference=reference.expand(counts) if reference is not None else None,
-            prompts=encoded,
-            plain_context=plain,
-            latents=x.to(device, dtype),
-            noise=z.to(device, dtype),
-            tables=tables.to(device),
-        )
 
     @torch.no_grad()
     def denoise(self, req: PreparedRequest) -> torch.Tensor:
@@ -407,17 +494,6 @@ class ProFusionPipeline:
         req = self.prepare(*args, **kwargs)
         x = self.denoise(req)
         return ProFusionOutput(images=self.decode(x, output_type), latents=x, seeds=req.seeds)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Latents -> images: VAE decode of x / scaling_factor, then (y / 2 + 0.5) clamped to [0, 1]."""
-        if output_type == "latent":
-            return latents
-        y = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        images = (y / 2 + 0.5).clamp(0, 1).float().cpu()
-        if output_type == "np":
-            return images.permute(0, 2, 3, 1).numpy()
-        return [tensor_to_pil(im) for im in images]
 
 
 def resolve_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
