@@ -171,12 +171,15 @@ class ArtifactBuilder:
         return reports
 
     def write_model_metadata(self) -> Path:
-        """``runtime.json`` + ``tokenizer/`` at ``<root>/<model_hash>/``, unless already there and equal."""
+        """``runtime.json`` + ``tokenizer/`` + the token embedding table at ``<root>/<model_hash>/``, unless
+        already there, equal and intact (a folder exported before the table existed gets it now)."""
         folder = self.store.model_dir(self.model_hash)
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             old = json.loads((folder / RUNTIME_JSON).read_text())
+            table = old.get("token_embedding") or {}
+            table_ok = bool(table) and verify_files(folder, {table["file"]: table})[table["file"]] == "ok"
             if (old.get("format") == FORMAT_VERSION and old.get("dims") == self.dims
-                    and old.get("model_hash") == self.model_hash and (folder / "tokenizer").is_dir()):
+                    and old.get("model_hash") == self.model_hash and (folder / "tokenizer").is_dir() and table_ok):
                 return folder
         return write_runtime_metadata(self.root, self.pipe, self.model_hash)
 

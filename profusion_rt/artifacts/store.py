@@ -5,6 +5,8 @@ Layout::
 
     <root>/<model_hash>/runtime.json                  what a runtime needs besides the engines
     <root>/<model_hash>/tokenizer/                     tokenizer.save_pretrained copy
+    <root>/<model_hash>/token_embedding.safetensors    the text encoder's token and position embeddings
+                                                       (float32; sha256 in runtime.json)
     <root>/<model_hash>/<graph>/<precision>-<shape_key>/
         model.onnx            (+ model.onnx.data when the graph is over 2 GB)
         model.opt.onnx        constant-folded, shape-inferred; reads model.onnx.data when there is one
@@ -46,6 +48,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "RUNTIME_JSON",
+    "TOKEN_EMBEDDING_FILE",
     "ONNX_FILE",
     "OPT_ONNX_FILE",
     "ORT_ONNX_FILE",
@@ -70,6 +73,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RUNTIME_JSON = "runtime.json"
 TOKENIZER_DIR = "tokenizer"
+#: safetensors file beside runtime.json: ``token_embedding`` (vocab, D) and ``position_embedding`` (L, D),
+#: float32, so that token_embeddings(ids) = token_embedding[ids] + position_embedding without the weights
+TOKEN_EMBEDDING_FILE = "token_embedding.safetensors"
 ONNX_FILE = "model.onnx"
 OPT_ONNX_FILE = "model.opt.onnx"
 #: the optimized model with onnxruntime contrib ops (com.microsoft.MultiHeadAttention); TensorRT cannot parse it
@@ -520,9 +526,34 @@ class RuntimeMetadata:
         return load_tokenizer(self.tokenizer_dir)
 
 
+def token_embedding_tables(text_encoder: Any) -> dict[str, Any]:
+    """The tables a runtime needs to compute the text encoder's token + position embeddings without its
+    weights (the stage graphs take token embeddings as input): ``token_embedding`` (vocab, D) and
+    ``position_embedding`` (L, D), the rows its position ids add, float32 on the CPU."""
+    import torch
+
+    emb = text_encoder.embeddings
+    with torch.no_grad():
+        positions = emb.position_embedding(emb.position_ids[0])
+    return {"token_embedding": emb.token_embedding.weight.detach().float().cpu().contiguous(),
+            "position_embedding": positions.detach().float().cpu().contiguous()}
+
+
+def write_token_embedding(folder: Path, text_encoder: Any, model_hash_: str) -> dict[str, Any]:
+    """Write :data:`TOKEN_EMBEDDING_FILE` into ``folder`` atomically; returns its ``runtime.json`` record."""
+    from safetensors.torch import save
+
+    tables = token_embedding_tables(text_encoder)
+    data = save(tables, metadata={"model_hash": model_hash_, "format": str(FORMAT_VERSION)})
+    atomic_write_bytes(folder / TOKEN_EMBEDDING_FILE, data)
+    return {"file": TOKEN_EMBEDDING_FILE, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+            "dtype": "float32", "tensors": {k: list(v.shape) for k, v in tables.items()}}
+
+
 def write_runtime_metadata(root: str | os.PathLike, pipe: Any, model_hash_: str) -> Path:
-    """Write ``<root>/<model_hash>/runtime.json`` and the ``tokenizer/`` copy (atomically; the tokenizer
-    folder is staged and renamed, ``runtime.json`` is written last). Returns the model folder."""
+    """Write ``<root>/<model_hash>/runtime.json``, the ``tokenizer/`` copy and the token embedding table
+    (atomically; the tokenizer folder is staged and renamed, ``runtime.json`` is written last). Returns the
+    model folder."""
     from .specs import model_dims
 
     folder = Path(root) / model_hash_
@@ -536,6 +567,7 @@ def write_runtime_metadata(root: str | os.PathLike, pipe: Any, model_hash_: str)
                 os.replace(tok_dir, old)
             os.replace(tmp / TOKENIZER_DIR, tok_dir)
             shutil.rmtree(old, ignore_errors=True)
+    token_embedding = write_token_embedding(folder, pipe.text_encoder, model_hash_)
     scheduler_cfg = {k: v for k, v in dict(pipe.scheduler.config).items()}
     scheduler_cfg.setdefault("_class_name", type(pipe.scheduler).__name__)
     data = {
@@ -553,6 +585,7 @@ def write_runtime_metadata(root: str | os.PathLike, pipe: Any, model_hash_: str)
             "class": type(pipe.tokenizer).__name__ if pipe.tokenizer is not None else None,
             "model_max_length": int(getattr(pipe.tokenizer, "model_max_length", 77) or 77),
         },
+        "token_embedding": token_embedding,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "versions": tool_versions(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
