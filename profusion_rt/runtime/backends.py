@@ -39,42 +39,65 @@ def _torch_compile(pipe: ProFusionPipeline, artifacts: Path | None = None, compi
             TorchEngine(refinement, REFINEMENT_INPUTS, compile=True, compile_mode=compile_mode))
 
 
-def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp32",
-                 threads: int | None = None, **_) -> tuple[Engine, Engine]:
+#: the two graphs a runtime's loop runs
+STAGE_GRAPHS = ("fusion_stage", "refinement_stage")
+
+
+def onnxruntime_engine(entry, device: torch.device | str, threads: int | None = None) -> Engine:
+    """An :class:`~.ort_engine.OrtEngine` over one artifact: the onnxruntime-specific graph (fused
+    attention) when the export wrote one, else the optimized, else the exported one."""
     from .ort_engine import OrtEngine
 
+    path = entry.ort_onnx_path or entry.opt_onnx_path or entry.onnx_path
+    return OrtEngine(path, device=device, threads=threads,
+                     batch_range=entry.dynamic_batch or (entry.batch, entry.batch))
+
+
+def tensorrt_engine(entry, device: torch.device | str, **_) -> Engine:
+    """A :class:`~.trt_engine.TrtEngine` over the plan of one artifact built for this GPU and TensorRT."""
+    from .trt_engine import TrtEngine, require_tensorrt
+
+    trt = require_tensorrt()
+    gpu = torch.cuda.get_device_name(device)
+    cc = torch.cuda.get_device_capability(device)
+    plan = entry.plan_path(gpu, trt.__version__, cc)
+    if plan is None:
+        raise BackendUnavailableError(
+            f"no TensorRT plan of {entry.graph} for {gpu} and TensorRT {trt.__version__} in {entry.path}; "
+            "build it with `profusion-rt export --backend tensorrt`")
+    return TrtEngine(plan, device=device, onnx_path=entry.opt_onnx_path or entry.onnx_path,
+                     batch_range=entry.dynamic_batch or (entry.batch, entry.batch))
+
+
+def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp32",
+                 threads: int | None = None, **_) -> tuple[Engine, Engine]:
     if artifacts is None:
         raise InvalidParameterError("the onnxruntime backend needs an artifact folder (profusion-rt export)")
-    engines, digest = [], model_hash(pipe)
-    for graph in ("fusion_stage", "refinement_stage"):
-        entry = select_artifact(artifacts, digest, graph, precision)
-        # the onnxruntime-specific graph (fused attention) when the export wrote one, else the neutral one
-        path = entry.ort_onnx_path or entry.opt_onnx_path or entry.onnx_path
-        engines.append(OrtEngine(path, device=pipe.device, threads=threads,
-                                 batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
-    return engines[0], engines[1]
+    digest = model_hash(pipe)
+    fusion, refinement = (onnxruntime_engine(select_artifact(artifacts, digest, graph, precision), pipe.device,
+                                             threads) for graph in STAGE_GRAPHS)
+    return fusion, refinement
 
 
 def _tensorrt(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp16",
               **_) -> tuple[Engine, Engine]:
-    from .trt_engine import TrtEngine, require_tensorrt
+    from .trt_engine import require_tensorrt
 
-    trt = require_tensorrt()
+    require_tensorrt()
     if artifacts is None:
         raise InvalidParameterError("the tensorrt backend needs an artifact folder (profusion-rt export --backend tensorrt)")
-    gpu = torch.cuda.get_device_name(pipe.device)
-    cc = torch.cuda.get_device_capability(pipe.device)
-    engines, digest = [], model_hash(pipe)
-    for graph in ("fusion_stage", "refinement_stage"):
-        entry = select_artifact(artifacts, digest, graph, precision)
-        plan = entry.plan_path(gpu, trt.__version__, cc)
-        if plan is None:
-            raise BackendUnavailableError(
-                f"no TensorRT plan of {graph} for {gpu} and TensorRT {trt.__version__} in {entry.path}; "
-                "build it with `profusion-rt export --backend tensorrt`")
-        engines.append(TrtEngine(plan, device=pipe.device, onnx_path=entry.opt_onnx_path or entry.onnx_path,
-                                 batch_range=entry.dynamic_batch or (entry.batch, entry.batch)))
-    return engines[0], engines[1]
+    digest = model_hash(pipe)
+    fusion, refinement = (tensorrt_engine(select_artifact(artifacts, digest, graph, precision), pipe.device)
+                          for graph in STAGE_GRAPHS)
+    return fusion, refinement
+
+
+def pick_artifact(entries, graph: str, precision: str):
+    """Among intact artifact ``entries``, the one of ``graph`` at ``precision``, preferring a dynamic batch
+    axis and then the widest batch range; None when there is none."""
+    found = [e for e in entries if e.graph == graph and e.precision == precision]
+    found.sort(key=lambda e: (e.dynamic_batch is None, -(e.dynamic_batch or (0, e.batch))[1]))
+    return found[0] if found else None
 
 
 def select_artifact(root: Path, digest: str, graph: str, precision: str):
@@ -88,14 +111,12 @@ def select_artifact(root: Path, digest: str, graph: str, precision: str):
     root = Path(root)
     if not root.is_dir():
         raise ModelLoadError(f"artifact folder {root} does not exist")
-    entries = [e for e in ArtifactStore(root).entries(digest, verify="hash")
-               if e.graph == graph and e.precision == precision]
-    if not entries:
+    entry = pick_artifact(ArtifactStore(root).entries(digest, verify="hash"), graph, precision)
+    if entry is None:
         raise ModelLoadError(
             f"no intact {precision} '{graph}' artifact for these weights (model {digest}) in {root}; "
             f"run `profusion-rt export --model ... --out {root} --precision {precision}`")
-    entries.sort(key=lambda e: (e.dynamic_batch is None, -(e.dynamic_batch or (0, e.batch))[1]))
-    return entries[0]
+    return entry
 
 
 BACKENDS: dict[str, EngineFactory] = {

@@ -64,7 +64,8 @@ def _sync(device: torch.device) -> None:
 
 
 class Runtime:
-    """ProFusion over two stage engines. Build with :meth:`from_pipeline` (or :func:`create_runtime`).
+    """ProFusion over two stage engines. Build with :func:`~.backends.create_runtime` (from a loaded pipeline)
+    or :meth:`from_artifacts` (from an exported artifact folder alone, no weights).
 
     Thread safety: one runtime serialises its requests with a lock (the static buffers are shared);
     use one runtime per worker thread for parallelism, or batch requests with :meth:`generate_batch`.
@@ -87,6 +88,17 @@ class Runtime:
         self._buffers: dict[tuple, StaticBuffers] = {}
         self._lock = threading.Lock()
         self.last_timings = Timings()
+
+    @classmethod
+    def from_artifacts(cls, root, backend: str = "onnxruntime", device: str | torch.device = "cpu",
+                       precision: str = "fp32", model_hash: str | None = None, threads: int | None = None,
+                       use_cuda_graph: bool | None = None) -> "Runtime":
+        """A runtime from an artifact folder alone: every network runs from the exported graphs (no model
+        weights, no model loading). See :func:`~.artifact_pipeline.create_runtime_from_artifacts`."""
+        from .artifact_pipeline import create_runtime_from_artifacts
+
+        return create_runtime_from_artifacts(root, backend, device=device, precision=precision,
+                                             model_hash=model_hash, threads=threads, use_cuda_graph=use_cuda_graph)
 
     # -- public API --------------------------------------------------------------------------------------
     def __call__(self, output_type: str = "pil", **kwargs) -> ProFusionOutput:
