@@ -95,14 +95,44 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
+#: backends that can run from exported artifacts alone (``generate --artifacts DIR`` without ``--model``)
+ARTIFACT_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def artifact_runtime(args: argparse.Namespace):
+    """The runtime of ``generate --artifacts DIR --backend onnxruntime|tensorrt`` without ``--model``: every
+    network from the exported graphs, no model weights."""
+    from .errors import InvalidParameterError
+    from .runtime import Runtime
+
+    if args.promptnet is not None:
+        raise InvalidParameterError("--promptnet needs --model (a runtime from artifacts alone loads no model)")
+    if args.dtype != "fp32":
+        raise InvalidParameterError("--dtype applies to --model; a runtime from artifacts alone takes the dtype of "
+                                    "its artifacts (--precision)")
+    precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
+    runtime = Runtime.from_artifacts(args.artifacts, args.backend, device=args.device, precision=precision,
+                                     model_hash=args.model_hash, threads=args.threads)
+    print(f"model {runtime.pipe.model_hash} from {args.artifacts} ({args.backend}, {precision}, no weights loaded)")
+    return runtime
+
+
 @command
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate images with the eager reference pipeline."""
-    from .image_io import load_image, save_image
+    """Generate images with the eager reference pipeline, a runtime backend over a model, or a runtime from
+    exported artifacts alone (``--artifacts`` with onnxruntime or tensorrt and no ``--model``)."""
+    from .image_io import load_image
 
     if args.image is not None:
         load_image(args.image)  # fail fast on a bad file, before loading any model
-    pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
+    if args.model is None and args.artifacts is not None and args.backend in ARTIFACT_BACKENDS:
+        generate = artifact_runtime(args)
+        if args.delta is not None:
+            generate.apply_delta(args.delta)  # raises: a delta needs the weights
+        return _generate_and_save(generate, args)
+    if args.model_hash is not None:
+        raise ProFusionError("--model-hash picks an exported model for a run without --model")
+    pipe = load_pipeline(args.model or "tiny", args.promptnet, args.device, args.dtype, args.weights_seed)
     if args.backend == "eager":
         if args.artifacts is not None:
             raise ProFusionError("--artifacts is used by the runtime backends; pick one with --backend")
@@ -110,11 +140,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from .runtime import create_runtime
 
-        generate = create_runtime(pipe, args.backend, artifacts=args.artifacts,
-                                  **({"precision": args.precision} if args.precision else {}))
+        options = {"precision": args.precision} if args.precision else {}
+        if args.threads is not None:
+            options["threads"] = args.threads
+        generate = create_runtime(pipe, args.backend, artifacts=args.artifacts, **options)
         if args.delta is not None:
             seconds = generate.apply_delta(args.delta)
             print(f"applied {args.delta} in {seconds * 1000:.1f} ms")
+    return _generate_and_save(generate, args)
+
+
+def _generate_and_save(generate, args: argparse.Namespace) -> int:
+    from .image_io import save_image
+
     start = time.perf_counter()
     result = generate(output_type="pil", **sampling_kwargs(args))
     elapsed = time.perf_counter() - start
@@ -168,13 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate an image with the eager reference pipeline")
     add_model_args(p)
+    p.set_defaults(model=None)  # None: tiny, or with --artifacts and onnxruntime/tensorrt no model at all
     add_sampling_args(p)
     p.add_argument("--out", default="out.png", help="output image (several: out-0.png, out-1.png, ...)")
     p.add_argument("--backend", default="eager",
                    choices=["eager", "torch", "torch-compile", "onnxruntime", "tensorrt"],
                    help="eager: the reference pipeline; the others run the lean runtime loop")
     p.add_argument("--artifacts", default=None, help="artifact folder written by `profusion-rt export` "
-                   "(onnxruntime, tensorrt)")
+                   "(onnxruntime, tensorrt); without --model every network runs from its exported graphs and "
+                   "no model is loaded")
+    p.add_argument("--model-hash", default=None,
+                   help="which exported model of --artifacts to run without --model (when it holds several)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session (default: all cores)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="precision of the exported artifacts to use (default fp32; tensorrt fp16)")
     p.add_argument("--delta", default=None, help="customization delta to hot-swap in (profusion-rt customize)")
