@@ -8,45 +8,61 @@ CPU machine, tiny preset, one fusion + one refinement call ran 8-10 % faster, wi
 7e-6 on outputs of magnitude 4. TensorRT cannot parse ``com.microsoft`` ops, so the rewrite goes to a file
 of its own (``model.ort.onnx``) next to the backend-neutral ``model.opt.onnx``, which stays as it is.
 
-The pattern (diffusers' ``scaled_dot_product_attention`` through torch's TorchScript ("legacy") exporter,
-opset 18, after polygraphy's folding)::
+The pattern: diffusers' ``scaled_dot_product_attention`` at opset 18 after polygraphy's folding, in the
+lowering of either of torch's exporters. Query, value and output are the same in both::
 
-    q2d -> Reshape(q2d, [B, -1, N, H]) -> Transpose(perm 0,2,1,3) -> Mul(., sq)        sq: scalar constant
-    k2d -> Reshape(k2d, [B, -1, N, H]) -> Transpose(perm 0,2,3,1) -> Mul(., sk)        sk: scalar constant
+    q2d -> Reshape(q2d, [b, s, N, H]) -> Transpose(perm 0,2,1,3) -> Mul(., sq)         sq: scalar constant
+    k2d -> Reshape(k2d, [b, s, N, H]) -> (key chain below: [B, N, H, L]) -> Mul(., sk) sk: scalar constant
     S = MatMul(q_scaled, k_scaled);  P = Softmax(S, axis=-1)
-    v2d -> Reshape(v2d, [B, -1, N, Hv]) -> Transpose(perm 0,2,1,3) -> v_t
-    A = MatMul(P, v_t) -> Transpose(perm 0,2,1,3) -> Reshape(., [B, -1, N*Hv])  -> out
+    v2d -> Reshape(v2d, [b, s, N, Hv]) -> Transpose(perm 0,2,1,3) -> v_t
+    A = MatMul(P, v_t) -> Transpose(perm 0,2,1,3) -> Reshape(., [b, s, N*Hv])  -> out
 
-(the exporter splits SDPA's ``1/sqrt(H)`` into ``H**-0.25`` on each side). It becomes one node
+The key chain turns the key's heads view ``[B, L, N, H]`` into ``[B, N, H, L]``:
+
+* TorchScript ("legacy") exporter: one ``Transpose(perm 0,2,3,1)``; reshape targets ``[B or 0, -1, N, H]``.
+* dynamo exporter (torch.export; the CLI's default)::
+
+      Transpose(perm 0,2,1,3) -> t4 [B, N, L, H] -> Reshape(., [-1, L, H]) -> Transpose(perm 0,2,1)
+          -> Reshape(., split) -> [B, N, H, L]
+
+  where ``split`` is the constant ``[B, N, H, L]`` for a static batch, and for a symbolic batch
+  ``Concat(Slice(Shape(t4), 0, -2), [H], [L])`` (``t4``'s own ``[B, N]``), the only other reader of ``t4``.
+  The other reshape targets are ``[B, -1, N, H]`` / ``[B, -1, N*Hv]`` (static batch) or ``[-1, S, N, H]`` /
+  ``[-1, S, N*Hv]`` with the static sequence length S (symbolic batch).
+
+Both exporters split SDPA's ``1/sqrt(H)`` into ``H**-0.25`` on each side. The pattern becomes one node
 ``MultiHeadAttention(q2d, k2d, v2d) -> out`` with ``num_heads=N`` and ``scale=sq*sk``; q2d, k2d and v2d are
 the ``[B, S, N*H]`` outputs of the projections, exactly MultiHeadAttention's 3-D inputs.
 
 A Softmax is rewritten only when the whole chain is certain:
 
 * the scores, probabilities, attention output and every removed intermediate have exactly one consumer
-  (none is a graph output), the perms are exactly the ones above, the Softmax is over the last axis;
+  (none is a graph output; for the dynamo key's ``t4``: its two readers above, the Shape's chain feeding
+  nothing else), the perms are exactly the ones above, the Softmax is over the last axis;
 * ``sq`` and ``sk`` are constants with one element (an initializer that is not also a graph input, or a
   ``Constant`` node), so the scale is known; the scale is passed explicitly, so a non-default scale is
   exact too;
 * the reshape targets are constant where it matters: ``[b, s, N, H]`` with N and H from the shape (an
   initializer/``Constant``, or a ``Concat`` of one-element parts after folding), ``s`` -1 (or 0, or the
-  static sequence length), ``b`` the batch (0, a ``Shape -> Gather(0)`` read of a tensor's batch, or the
-  static batch); q, k and v have the same N, q and k the same H, and the output reshape is
-  ``[b, -1, N*Hv]``. When the shape holds ``-1`` for N (transformers' CLIP does this), N comes from the
-  projection width D (from shape inference) as D / H; when D is known, N*H must equal it. Anything
-  uncertain is left alone and counted as not fused.
+  static sequence length), ``b`` the batch (0, a ``Shape -> Gather(0)`` read of a tensor's batch, the
+  static batch, or -1 when ``s`` is the static sequence length and N*H the known projection width, so
+  that -1 can only be the batch); q, k and v have the same N, q and k the same H, and the output reshape is
+  ``[b, s, N*Hv]`` under the same rules. When the shape holds ``-1`` for N (transformers' CLIP does this),
+  N comes from the projection width D (from shape inference) as D / H; when D is known, N*H must equal it.
+  The dynamo key's reshapes must be exactly ``[-1 or B*N, L, H]`` and ``[-1 or B, N, H, L]`` (or the
+  ``Concat`` above) for the key's N and H and its static length L. Anything uncertain is left alone and
+  counted as not fused, with the reason.
 
 Attention with a mask (the CLIP text encoder's causal attention: an ``Add`` between the scores MatMul and
-the Softmax) does not match and is left as it is. The dynamo exporter lowers SDPA differently (the key goes
-through extra reshapes to ``[B*N, L, H]`` and back), so its graphs fuse 0 attentions; the export then
-writes no ``model.ort.onnx`` and the runtime keeps using ``model.opt.onnx``.
+the Softmax) does not match and is left as it is, in both lowerings.
 
 Surgery: the fused node takes the place of the output Reshape in the node list, so the order stays
-topological; nodes and initializers that only fed the removed ones (the reshape targets, the scale
-constants) are removed too, value_info of removed tensors is dropped, everything else (names of weights,
-metadata, value_info of kept tensors) is kept. Weights are never loaded: the model is read with
-``load_external_data=False`` and written next to its source, so initializers in external data keep
-pointing at the same data file (shared with ``model.onnx`` / ``model.opt.onnx``), under the same names.
+topological; the pattern's nodes (with the dynamo key's ``Shape -> Slice -> Concat``) go, and so do nodes
+and initializers that only fed them (the reshape targets, the scale constants); value_info of removed
+tensors is dropped, everything else (names of weights, metadata, value_info of kept tensors) is kept.
+Weights are never loaded: the model is read with ``load_external_data=False`` and written next to its
+source, so initializers in external data keep pointing at the same data file (shared with ``model.onnx`` /
+``model.opt.onnx``), under the same names.
 The opset import ``com.microsoft`` v1 and a metadata entry ``ort_fusion`` (what was fused) are added.
 """
 
@@ -64,7 +80,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 #: bump when the rewrite changes: part of the export stage's cache key
-PASS_VERSION = "mha-1"
+PASS_VERSION = "mha-2"
 MS_DOMAIN = "com.microsoft"
 METADATA_KEY = "ort_fusion"
 
@@ -266,9 +282,29 @@ class _Match:
     scope: str
 
 
+@dataclass
+class _KeyChain:
+    """How the key reaches the scores MatMul as ``[B, N, H, L]`` (see the module docstring)."""
+
+    reshape: Any  # Reshape(k2d, [b, s, N, H]): the key's heads view
+    nodes: list  # the nodes between it and the key's scale Mul (they go away)
+    #: dynamo only: (t4, merge Reshape, split Reshape) to check once N and H are known; None for legacy
+    dynamo: tuple | None = None
+
+
 def _perm(node) -> list[int] | None:
     p = _attr(node, "perm")
     return None if p is None else [int(x) for x in p]
+
+
+def _scaled(G: _Graph, mul, what: str) -> tuple[str, float]:
+    """(data input, constant factor) of the scale ``Mul`` of the query or key. The data is the input made by
+    a Transpose (both lowerings) or a Reshape (the dynamo key), in either operand order."""
+    data = next((i for i in mul.input if G.producer.get(i) is not None
+                 and G.producer[i].op_type in ("Transpose", "Reshape")), None)
+    if data is None:
+        raise _NoMatch("query/key are not transposed heads")
+    return data, _scalar(G, mul, data, what)
 
 
 def _scalar(G: _Graph, mul, data: str, what: str) -> float:
@@ -287,12 +323,21 @@ def _scalar(G: _Graph, mul, data: str, what: str) -> float:
     return scale
 
 
-def _check_batch(G: _Graph, part, allowzero: int, in_dims: list | None, what: str) -> None:
+def _static(d) -> bool:
+    return isinstance(d, int) and d > 0
+
+
+def _check_batch(G: _Graph, part, allowzero: int, in_dims: list | None, what: str, fixed_rest: bool) -> None:
+    """``part`` of a Reshape target is the batch of its input ``in_dims = [B, ...]``. ``fixed_rest``: the
+    caller checked that the target's other parts are constants whose product is the input's other dims (then
+    ``-1`` can only be the batch: the dynamo exporter writes ``[-1, S, N, H]`` for a symbolic batch)."""
     if isinstance(part, str):
         if not G.is_batch_read(part):
             raise _NoMatch(f"{what} batch is not read from a shape")
         return
     if part == 0 and not allowzero:
+        return
+    if part == -1 and fixed_rest:
         return
     if part > 0 and in_dims is not None and in_dims[0] == part:
         return
@@ -302,7 +347,7 @@ def _check_batch(G: _Graph, part, allowzero: int, in_dims: list | None, what: st
 def _check_seq(part, allowzero: int, in_dims: list | None, what: str) -> None:
     if part == -1 or (part == 0 and not allowzero):
         return
-    if isinstance(part, int) and part > 0 and in_dims is not None and in_dims[1] == part:
+    if _static(part) and in_dims is not None and in_dims[1] == part:
         return
     raise _NoMatch(f"{what} sequence length is not -1")
 
@@ -317,19 +362,113 @@ def _heads_view(G: _Graph, reshape, what: str) -> tuple[str, int, int]:
     if parts is None:
         raise _NoMatch(f"{what} reshape target is not known")
     allowzero = int(_attr(reshape, "allowzero", 0))
-    _check_batch(G, parts[0], allowzero, in_dims, what)
     _check_seq(parts[1], allowzero, in_dims, what)
     n, h = parts[2], parts[3]
     width = in_dims[2] if isinstance(in_dims[2], int) else None
     if not isinstance(h, int) or h <= 0:
         raise _NoMatch(f"{what} head size is not constant")
-    if n == -1 and width is not None and width % h == 0:
+    if n == -1 and width is not None and width % h == 0 and parts[0] != -1:
         n = width // h
     if not isinstance(n, int) or n <= 0:
         raise _NoMatch(f"{what} head count is not known")
     if width is not None and n * h != width:
         raise _NoMatch(f"{what} heads x head size is not the projection width")
+    fixed_rest = _static(parts[1]) and width is not None  # [-1, S, N, H] of [B, S, N*H]: -1 is B
+    _check_batch(G, parts[0], allowzero, in_dims, what, fixed_rest)
     return x, n, h
+
+
+def _transposed_heads(G: _Graph, name: str, what: str):
+    """The ``Transpose(perm 0,2,1,3)`` of a heads view that makes ``name`` (read by one node only)."""
+    t = G.produced_by(name, "Transpose", what)
+    if _perm(t) != [0, 2, 1, 3]:
+        raise _NoMatch("head transposes have other perms")
+    G.only_consumer(name, what)
+    return t
+
+
+def _key_chain(G: _Graph, data: str) -> _KeyChain:
+    """The nodes that turn the key's heads view ``[B, L, N, H]`` into the scores MatMul's ``[B, N, H, L]``:
+    one ``Transpose(perm 0,2,3,1)`` (legacy), or (dynamo) ``Transpose(0,2,1,3) -> Reshape [B*N, L, H] ->
+    Transpose(0,2,1) -> Reshape [B, N, H, L]``, whose last target is a constant or ``Concat(shape(t4)[:2],
+    H, L)`` with ``t4`` the first Transpose's output. The Reshape targets are checked by
+    :func:`_check_dynamo_key` once N and H are known."""
+    G.only_consumer(data, "key heads")
+    last = G.producer[data]
+    if last.op_type == "Transpose":  # legacy
+        if _perm(last) != [0, 2, 3, 1]:
+            raise _NoMatch("head transposes have other perms")
+        return _KeyChain(G.produced_by(last.input[0], "Reshape", "key heads"), [last])
+    split = G.produced_by(data, "Reshape", "key heads")  # dynamo: -> [B, N, H, L]
+    t3 = G.produced_by(split.input[0], "Transpose", "key split input")
+    merge = G.produced_by(t3.input[0], "Reshape", "key transpose input")
+    t4 = G.produced_by(merge.input[0], "Transpose", "key merge input")
+    if _perm(t4) != [0, 2, 1, 3] or _perm(t3) != [0, 2, 1]:
+        raise _NoMatch("head transposes have other perms")
+    G.only_consumer(t3.output[0], "transposed key")
+    G.only_consumer(merge.output[0], "merged key")
+    nodes = [t4, merge, t3]
+    # t4's readers: the merge Reshape and, for a symbolic batch, a Shape -> Slice -> Concat that feeds only
+    # the split Reshape's target (what they compute is checked by _check_dynamo_key)
+    shape_reads = [n for n in G.consumers.get(t4.output[0], []) if n is not merge]
+    if t4.output[0] in G.pinned or len(shape_reads) > 1 or any(n.op_type != "Shape" for n in shape_reads):
+        raise _NoMatch("key heads have other consumers")
+    for shape in shape_reads:
+        sl = G.only_consumer(shape.output[0], "key shape")
+        cat = G.only_consumer(sl.output[0], "key shape slice")
+        if G.only_consumer(cat.output[0], "key split target") is not split or split.input[1] != cat.output[0]:
+            raise _NoMatch("key shape does not feed the split target")
+        nodes += [shape, sl, cat]
+    nodes.append(split)
+    return _KeyChain(G.produced_by(t4.input[0], "Reshape", "key heads"), nodes, (t4, merge, split))
+
+
+def _leading_dims_of(G: _Graph, name: str, t4: str) -> bool:
+    """``name`` is ``Slice(Shape(t4), 0, -2)`` (or ``[:2]``): the ``[B, N]`` of the 4-D ``t4``."""
+    sl = G.producer.get(name)
+    if sl is None or sl.op_type != "Slice" or not 3 <= len(sl.input) <= 5:
+        return False
+    shape = G.producer.get(sl.input[0])
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != t4 or _attr(shape, "start", 0) != 0 \
+            or _attr(shape, "end") is not None:
+        return False
+    values = [G.const(i) if i else None for i in sl.input[1:]]
+    if any(v is None or v.size != 1 or v.dtype.kind not in "iu" for v in values[:2]) \
+            or any(i and (v is None or v.size != 1) for i, v in zip(sl.input[3:], values[2:])):
+        return False
+    start, end = int(values[0].reshape(-1)[0]), int(values[1].reshape(-1)[0])
+    axis = int(values[2].reshape(-1)[0]) if len(values) > 2 and values[2] is not None else 0
+    step = int(values[3].reshape(-1)[0]) if len(values) > 3 and values[3] is not None else 1
+    return axis in (0, -1) and step == 1 and (start == 0 or start <= -4) and end in (2, -2)
+
+
+def _check_dynamo_key(G: _Graph, chain: _KeyChain, n: int, h: int) -> None:
+    """The dynamo key chain's Reshapes are exactly ``[B, N, L, H] -> [B*N, L, H]`` and ``[B*N, H, L] ->
+    [B, N, H, L]`` for the key's N and H and its static length L."""
+    t4, merge, split = chain.dynamo
+    k_dims = G.dims(chain.reshape.input[0])
+    seq = k_dims[1] if k_dims is not None and len(k_dims) == 3 else None
+    if not _static(seq):
+        raise _NoMatch("key length is not static")
+    batch = k_dims[0] if _static(k_dims[0]) else None
+    parts = G.shape_parts(merge.input[1], 3)
+    if parts is None or parts[1:] != [seq, h] or not (parts[0] == -1 or (batch and parts[0] == batch * n)):
+        raise _NoMatch("key merge reshape is not [B*N, L, H]")
+    target = split.input[1]
+    parts = G.shape_parts(target, 4)
+    if parts is not None:  # a constant target: [b, N, H, L]
+        if parts[1:] != [n, h, seq] or not (parts[0] == -1 or (batch and parts[0] == batch)):
+            raise _NoMatch("key split reshape is not [B, N, H, L]")
+        return
+    cat = G.producer.get(target)  # Concat(shape(t4)[:2], constants)
+    if cat is None or cat.op_type != "Concat" or _attr(cat, "axis", 0) != 0 or len(cat.input) < 2 \
+            or not _leading_dims_of(G, cat.input[0], t4.output[0]):
+        raise _NoMatch("key split reshape target is not known")
+    rest = [G.const(i) for i in cat.input[1:]]
+    if any(v is None or v.dtype.kind not in "iu" for v in rest):
+        raise _NoMatch("key split reshape target is not known")
+    if [int(x) for v in rest for x in v.reshape(-1)] != [h, seq]:
+        raise _NoMatch("key split reshape is not [B, N, H, L]")
 
 
 def _match(G: _Graph, sm, default_axis: int) -> _Match:
@@ -349,21 +488,12 @@ def _match(G: _Graph, sm, default_axis: int) -> _Match:
     mk = G.produced_by(mm1.input[1], "Mul", "key")
     G.only_consumer(mq.output[0], "scaled query")
     G.only_consumer(mk.output[0], "scaled key")
-    tq = next((G.producer.get(i) for i in mq.input if G.producer.get(i) is not None
-               and G.producer[i].op_type == "Transpose"), None)
-    tk = next((G.producer.get(i) for i in mk.input if G.producer.get(i) is not None
-               and G.producer[i].op_type == "Transpose"), None)
-    if tq is None or tk is None:
-        raise _NoMatch("query/key are not transposed heads")
-    sq = _scalar(G, mq, tq.output[0], "query")
-    sk = _scalar(G, mk, tk.output[0], "key")
-    tv = G.produced_by(mm2.input[1], "Transpose", "value")
-    if _perm(tq) != [0, 2, 1, 3] or _perm(tk) != [0, 2, 3, 1] or _perm(tv) != [0, 2, 1, 3]:
-        raise _NoMatch("head transposes have other perms")
-    for t, what in ((tq, "query heads"), (tk, "key heads"), (tv, "value heads")):
-        G.only_consumer(t.output[0], what)
+    q_data, sq = _scaled(G, mq, "query")
+    k_data, sk = _scaled(G, mk, "key")
+    tq = _transposed_heads(G, q_data, "query heads")
+    key = _key_chain(G, k_data)
+    tv = _transposed_heads(G, mm2.input[1], "value heads")
     rq = G.produced_by(tq.input[0], "Reshape", "query heads")
-    rk = G.produced_by(tk.input[0], "Reshape", "key heads")
     rv = G.produced_by(tv.input[0], "Reshape", "value heads")
 
     to = G.only_consumer(mm2.output[0], "attention output")
@@ -374,20 +504,22 @@ def _match(G: _Graph, sm, default_axis: int) -> _Match:
         raise _NoMatch("attention output is not merged by a Reshape")
 
     q, n_q, h_q = _heads_view(G, rq, "query")
-    k, n_k, h_k = _heads_view(G, rk, "key")
+    k, n_k, h_k = _heads_view(G, key.reshape, "key")
     v, n_v, h_v = _heads_view(G, rv, "value")
     if not n_q == n_k == n_v or h_q != h_k:
         raise _NoMatch("query, key and value heads differ")
+    if key.dynamo is not None:
+        _check_dynamo_key(G, key, n_k, h_k)
     parts = G.shape_parts(ro.input[1], 3)
     if parts is None or parts[2] != n_q * h_v:
         raise _NoMatch("output reshape is not [B, S, N*H]")
     allowzero = int(_attr(ro, "allowzero", 0))
     q_dims = G.dims(q)
-    _check_batch(G, parts[0], allowzero, q_dims, "output")
     _check_seq(parts[1], allowzero, q_dims, "output")
+    _check_batch(G, parts[0], allowzero, q_dims, "output", _static(parts[1]))  # [-1, S, N*H]: -1 is B
 
     scope = sm.name.rsplit("/", 1)[0] if "/" in sm.name else sm.name
-    return _Match([sm, mm1, mm2, mq, mk, tq, tk, tv, to, ro], q, k, v, ro.output[0], n_q, sq * sk, scope)
+    return _Match([sm, mm1, mm2, mq, mk, tq, *key.nodes, tv, to, ro], q, k, v, ro.output[0], n_q, sq * sk, scope)
 
 
 # -- rewriting -------------------------------------------------------------------------------------------

@@ -225,6 +225,109 @@ def test_uncertain_patterns_are_left_alone(variant, reason):
     assert model.SerializeToString() == before  # untouched: no opset, metadata or initializer change
 
 
+def _dynamo_attention_model(*, symbolic_batch=False, key_perms=((0, 2, 1, 3), (0, 2, 1)), key_scale="initializer",
+                            shape_output=False, merged_output=False):
+    """q, k, v [B, S, D] -> the dynamo exporter's lowering of SDPA after polygraphy's folding, as in the tiny
+    stage graphs: the key goes ``[B, S, N, H] -> Transpose -> Reshape [B*N, S, H] -> Transpose(0,2,1) ->
+    Reshape [B, N, H, S]``. ``symbolic_batch``: a ``B`` batch axis, so the reshape targets are ``[-1, S, N, H]``
+    and the key's split target is ``Concat(Shape(k heads)[:-2], H, S)`` (a static batch: constants)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    batch = "B" if symbolic_batch else B
+    factor = np.array(H ** -0.25, dtype=np.float32)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [batch, S, D]) for n in "qkv"]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, S, D])]
+    lead = [-1, S] if symbolic_batch else [B, -1]
+
+    def i64(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+    inits = [i64("heads_shape", lead + [N, H]), i64("merge_shape", [-1, S, H]), i64("out_shape", lead + [D])]
+    if key_scale == "initializer":
+        inits.append(numpy_helper.from_array(factor, "scale"))
+    else:
+        inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    nodes = [helper.make_node("Reshape", [x, "heads_shape"], [f"{x}4"], allowzero=1) for x in "qkv"]
+    nodes += [
+        helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", ["qt", "scale"], ["qs"]),
+        helper.make_node("Transpose", ["k4"], ["kt4"], perm=list(key_perms[0])),
+        helper.make_node("Reshape", ["kt4", "merge_shape"], ["k3"]),
+        helper.make_node("Transpose", ["k3"], ["k3t"], perm=list(key_perms[1])),
+    ]
+    if symbolic_batch:
+        inits += [i64("lo", [np.iinfo(np.int64).min]), i64("hi", [-2]), i64("hs", [H, S])]
+        nodes += [helper.make_node("Shape", ["kt4"], ["kt4_shape"]),
+                  helper.make_node("Slice", ["kt4_shape", "lo", "hi"], ["bn"]),
+                  helper.make_node("Concat", ["bn", "hs"], ["split_shape"], axis=0)]
+        if shape_output:
+            outputs.append(helper.make_tensor_value_info("kt4_shape", TensorProto.INT64, [4]))
+    else:
+        inits.append(i64("split_shape", [B, N, H, S]))
+    nodes += [
+        helper.make_node("Reshape", ["k3t", "split_shape"], ["kt"]),
+        helper.make_node("Mul", ["kt", "scale"], ["ks"]),
+        helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["probs", "vt"], ["att"]),
+        helper.make_node("Transpose", ["att"], ["att_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["att_t", "out_shape"], ["out"], allowzero=1),
+    ]
+    if merged_output:
+        outputs.append(helper.make_tensor_value_info("k3", TensorProto.FLOAT, [None, S, H]))
+    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("symbolic_batch", [False, True], ids=["static-batch", "symbolic-batch"])
+def test_the_dynamo_pattern_is_fused_exactly(symbolic_batch):
+    import onnx
+
+    from export.ort_fusion import fuse_attention
+
+    model = _dynamo_attention_model(symbolic_batch=symbolic_batch)
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    result = fuse_attention(model)
+    assert (result.fused, result.unmatched_softmax) == (1, 0)
+    onnx.checker.check_model(model)
+    [node] = model.graph.node  # the key's Shape -> Slice -> Concat went too
+    assert (node.op_type, node.domain, list(node.input), list(node.output)) == (
+        "MultiHeadAttention", "com.microsoft", ["q", "k", "v"], ["out"])
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_heads"] == N and attrs["scale"] == pytest.approx(H ** -0.5, rel=1e-6)
+    assert not model.graph.initializer
+    rng = np.random.default_rng(1)
+    for batch in ((B, 3) if symbolic_batch else (B,)):
+        feeds = {n: rng.standard_normal((batch, S, D)).astype(np.float32) for n in "qkv"}
+        np.testing.assert_allclose(_run(model, feeds), _run(before, feeds), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    (dict(key_perms=((0, 2, 1, 3), (0, 1, 2))), "head transposes have other perms"),
+    (dict(key_perms=((0, 1, 2, 3), (0, 2, 1))), "head transposes have other perms"),
+    (dict(key_scale="input"), "query scale is not a constant scalar"),
+    (dict(merged_output=True), "merged key has other consumers"),
+    (dict(symbolic_batch=True, shape_output=True), "key shape has other consumers"),
+], ids=["key-not-transposed", "key-heads-not-transposed", "scale-input", "merged-key-read-twice",
+        "key-shape-read-twice"])
+def test_dynamo_near_misses_are_left_alone(variant, reason):
+    """Valid graphs one step away from the dynamo pattern (computing something else, or needing a tensor
+    the fused node would remove): left byte for byte."""
+    from export.ort_fusion import fuse_attention
+
+    model = _dynamo_attention_model(**variant)
+    before = model.SerializeToString()
+    result = fuse_attention(model)
+    assert (result.fused, result.unmatched_softmax, result.reasons) == (0, 1, {reason: 1})
+    assert model.SerializeToString() == before
+
+
 # -- the export stage and its cache ----------------------------------------------------------------------
 def _builder(pipe, root, **overrides):
     from export.cache import ArtifactBuilder, ExportOptions
@@ -303,11 +406,53 @@ def test_the_fused_model_shares_the_external_data_file(tiny_pipe, tmp_path, monk
 
 
 @pytest.mark.skipif(not os.environ.get("PROFUSION_EXPORT_FULL"),
-                    reason="exports the tiny fusion stage with the dynamo exporter (slow); "
+                    reason="exports the tiny stage graphs with the dynamo exporter (slow); "
                            "set PROFUSION_EXPORT_FULL=1 to run it")
-def test_dynamo_graphs_fuse_nothing_and_keep_the_optimized_model(tiny_pipe, tmp_path):
-    """The dynamo exporter lowers SDPA's key through extra reshapes: nothing matches, nothing fails."""
-    report = _builder(tiny_pipe, tmp_path, exporter="dynamo").run(["fusion_stage"], progress=False)[0]
+@pytest.mark.parametrize("graph, dynamic_batch", [("fusion_stage", None), ("refinement_stage", (1, 2))],
+                         ids=["fusion-static-batch", "refinement-symbolic-batch"])
+def test_dynamo_stage_graphs_fuse_every_unmasked_attention(tiny_pipe, tmp_path, graph, dynamic_batch):
+    """The dynamo exporter's lowering (the CLI default; the key through ``[B*N, L, H]`` reshapes, with a
+    ``Shape -> Slice -> Concat`` target for a symbolic batch) is fused like the legacy one: every attention
+    of the UNet and PromptNet, with its module's head count and scale; the fused graph equals the unfused
+    one and torch within the spec's tolerance."""
+    import onnx
+    import torch
+
+    from export.validate import compare, ort_session, torch_reference
+
+    report = _builder(tiny_pipe, tmp_path, exporter="dynamo", dynamic_batch=dynamic_batch).run(
+        [graph], progress=False)[0]
+    modules = _attention_modules(tiny_pipe, graph)
+    text_layers = tiny_pipe.text_encoder.config.num_hidden_layers - tiny_pipe.text_skip_layers
     assert report.passed and report.stages["ort_fusion"] == "built"
-    assert report.ort_fusion == {"fused": 0, "unmatched_softmax": 31, "file": None}
-    assert not (report.path / ORT_ONNX_FILE).exists()
+    assert {c["model"] for c in report.checks} == {OPT_ONNX_FILE, ORT_ONNX_FILE}  # both validated vs torch
+    assert report.ort_fusion == {"fused": len(modules), "unmatched_softmax": text_layers, "file": ORT_ONNX_FILE}
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert manifest["stages"]["ort_fusion"]["reasons"] == {"masked": text_layers}
+
+    ort_model = onnx.load(str(report.path / ORT_ONNX_FILE), load_external_data=False)
+    onnx.checker.check_model(ort_model)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in ort_model.graph.node if n.op_type == "MultiHeadAttention"]
+    # the optimized dynamo graph's node names carry no module scopes: match (heads, scale) as multisets
+    assert sorted(a["num_heads"] for a in attrs) == sorted(m.heads for m in modules.values())
+    for a in attrs:
+        assert any(m.heads == a["num_heads"] and m.scale == pytest.approx(a["scale"], rel=1e-6)
+                   for m in modules.values()), a
+    read = {i for n in ort_model.graph.node for i in n.input} | {o.name for o in ort_model.graph.output}
+    assert all(set(n.output) & read for n in ort_model.graph.node)  # the key's shape reads went too
+
+    spec = GRAPHS[graph]
+    opt, ort = ort_session(report.path / OPT_ONNX_FILE), ort_session(report.path / ORT_ONNX_FILE)
+    module = spec.build_module(tiny_pipe)
+    for batch in ((1,) if dynamic_batch is None else (1, 2)):
+        feeds = spec.sample_inputs(tiny_pipe, batch=batch, seed=60 + batch)
+        arrays = {k: v.contiguous().numpy() for k, v in feeds.items()}
+        unfused, fused = opt.run(None, arrays)[0], ort.run(None, arrays)[0]
+        check = compare(spec, "fp32", "onnxruntime", batch, 0, "x_out", fused, torch.from_numpy(unfused), 0.0,
+                        model=ORT_ONNX_FILE)
+        assert check.passed, check  # fused vs unfused, the spec's tolerance
+        ref = torch_reference(module, spec, feeds)["x_out"]
+        for out, name in ((fused, ORT_ONNX_FILE), (unfused, OPT_ONNX_FILE)):
+            check = compare(spec, "fp32", "onnxruntime", batch, 0, "x_out", out, ref, 0.0, model=name)
+            assert check.passed, check
