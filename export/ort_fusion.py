@@ -4,9 +4,10 @@ Why: onnxruntime runs the attention of the exported graphs as the exporter lower
 around a Softmax with the full ``[B, N, S, L]`` score tensor in memory. Its contrib op
 ``com.microsoft.MultiHeadAttention`` (a CPU kernel with a flash-attention path, and a CUDA kernel) does the
 same work in one node without materialising the scores and without the head transposes. On the 2-core
-CPU machine, tiny preset, one fusion + one refinement call ran 8-10 % faster, with a max abs difference of
-7e-6 on outputs of magnitude 4. TensorRT cannot parse ``com.microsoft`` ops, so the rewrite goes to a file
-of its own (``model.ort.onnx``) next to the backend-neutral ``model.opt.onnx``, which stays as it is.
+CPU machine, tiny preset, one fusion + one refinement call ran 5-10 % faster (either exporter; figures in
+export/README.md), with a max abs difference of at most 7e-6 on outputs of magnitude 4. TensorRT cannot
+parse ``com.microsoft`` ops, so the rewrite goes to a file of its own (``model.ort.onnx``) next to the
+backend-neutral ``model.opt.onnx``, which stays as it is.
 
 The pattern: diffusers' ``scaled_dot_product_attention`` at opset 18 after polygraphy's folding, in the
 lowering of either of torch's exporters. Query, value and output are the same in both::
