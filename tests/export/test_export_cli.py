@@ -69,4 +69,5 @@ def test_the_done_when_command(tmp_path, capsys):
     rc = main(["export", "--model", "tiny", "--out", str(tmp_path), "--validate", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.count("| ok |") == 10  # 9 graphs, vae_encoder has 2 outputs
+    # 9 graphs (vae_encoder has 2 outputs), and the two stages' attention-fused model.ort.onnx checked too
+    assert out.count("| ok |") == 12
