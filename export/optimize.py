@@ -80,7 +80,7 @@ def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None
     before = len(model.graph.node)
     metadata = {p.key: p.value for p in model.metadata_props}
     producer = model.producer_name
-    shared = sorted(_external_locations(model))
+    shared = sorted(external_locations(model))
     if shared and src.resolve().parent != dst.resolve().parent:
         from onnx.external_data_helper import load_external_data_for_model
 
@@ -117,7 +117,8 @@ def optimize_onnx(src: Path, dst: Path, batch_axes: dict[str, int] | None = None
     return OptimizeInfo(dst, files, seconds, size, external, before, after, shared)
 
 
-def _external_locations(model) -> set[str]:
+def external_locations(model) -> set[str]:
+    """The external data files the model's initializers point at."""
     locations = set()
     for init in model.graph.initializer:
         if init.data_location == 1:  # TensorProto.EXTERNAL

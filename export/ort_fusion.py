@@ -78,6 +78,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .optimize import external_locations
+
 logger = logging.getLogger(__name__)
 
 #: bump when the rewrite changes: part of the export stage's cache key
@@ -137,23 +139,22 @@ def _subgraph_names(graph) -> set[str]:
 
     names: set[str] = set()
 
+    def subgraphs(n):
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield a.g
+            elif a.type == AttributeProto.GRAPHS:
+                yield from a.graphs
+
     def visit(g):
         for n in g.node:
             names.update(n.input)
-            for a in n.attribute:
-                if a.type == AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        visit(sub)
+            for sub in subgraphs(n):
+                visit(sub)
 
     for n in graph.node:
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                visit(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    visit(sub)
+        for sub in subgraphs(n):
+            visit(sub)
     return names
 
 
@@ -649,12 +650,6 @@ def _check_topological(graph) -> None:
 
 
 # -- files -----------------------------------------------------------------------------------------------
-def external_locations(model) -> set[str]:
-    locations = set()
-    for init in model.graph.initializer:
-        if init.data_location == 1:  # TensorProto.EXTERNAL
-            locations.update(e.value for e in init.external_data if e.key == "location")
-    return locations
 
 
 def write_ort_model(src: str | os.PathLike, dst: str | os.PathLike) -> OrtModelInfo:

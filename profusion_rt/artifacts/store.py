@@ -544,7 +544,10 @@ def write_token_embedding(folder: Path, text_encoder: Any, model_hash_: str) -> 
     from safetensors.torch import save
 
     tables = token_embedding_tables(text_encoder)
-    data = save(tables, metadata={"model_hash": model_hash_, "format": str(FORMAT_VERSION)})
+    # One metadata key: safetensors keeps metadata in a hash map whose iteration order varies from call to
+    # call, so two keys could serialise in either order and the same table would hash differently.
+    data = save(tables, metadata={"profusion_rt": json.dumps({"format": FORMAT_VERSION, "model_hash": model_hash_},
+                                                             sort_keys=True)})
     atomic_write_bytes(folder / TOKEN_EMBEDDING_FILE, data)
     return {"file": TOKEN_EMBEDDING_FILE, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
             "dtype": "float32", "tensors": {k: list(v.shape) for k, v in tables.items()}}

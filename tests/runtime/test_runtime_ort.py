@@ -16,16 +16,6 @@ KW = dict(prompt="a {S*} wearing sunglasses", num_inference_steps=STEPS, seed=5)
 
 
 @pytest.fixture(scope="module")
-def stage_artifacts(tiny_pipe, tmp_path_factory):
-    from export.cache import export_artifacts
-
-    root = tmp_path_factory.mktemp("stage-artifacts")
-    export_artifacts(tiny_pipe, root, graphs=["fusion_stage", "refinement_stage"], validate=False, batch=1,
-                     dynamic_batch=(1, 4), exporter="legacy")
-    return root
-
-
-@pytest.fixture(scope="module")
 def ort_runtime(tiny_pipe, stage_artifacts):
     return create_runtime(tiny_pipe, "onnxruntime", artifacts=stage_artifacts)
 
@@ -62,26 +52,9 @@ def test_missing_artifacts_is_a_typed_error(tiny_pipe, tmp_path):
         create_runtime(tiny_pipe, "onnxruntime")
 
 
-def _perturbed_delta(seed: int):
-    """(base pipe, customized pipe, delta) with every delta tensor perturbed."""
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.training.delta import base_fingerprint, delta_parameters, extract_delta
-
-    base = ProFusionPipeline.from_preset("tiny", seed=0)
-    custom = ProFusionPipeline.from_preset("tiny", seed=0)
-    for pipe in (base, custom):
-        pipe.progress_bar = False
-    fp = base_fingerprint(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in delta_parameters(custom).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02 * (p.abs().mean() + 1e-3))
-    return base, custom, extract_delta(custom, fp)
-
-
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_delta_hot_swap_matches_the_customized_model(backend, stage_artifacts, astronaut):
-    base, custom, delta = _perturbed_delta(7)
+def test_delta_hot_swap_matches_the_customized_model(backend, stage_artifacts, astronaut, perturbed_delta):
+    base, custom, delta = perturbed_delta(7)
     runtime = create_runtime(base, backend, artifacts=stage_artifacts)
     before = runtime(reference_image=astronaut, output_type="latent", **KW).images
     seconds = runtime.apply_delta(delta)

@@ -19,16 +19,6 @@ KW = dict(prompt="a {S*} wearing sunglasses", num_inference_steps=STEPS, seed=11
 STAGES = ("fusion_stage", "refinement_stage")
 
 
-@pytest.fixture(scope="module")
-def stage_artifacts(tiny_pipe, tmp_path_factory):
-    from export.cache import export_artifacts
-
-    root = tmp_path_factory.mktemp("fused-stage-artifacts")
-    export_artifacts(tiny_pipe, root, graphs=list(STAGES), validate=False, batch=1, dynamic_batch=(1, 4),
-                     exporter="legacy")
-    return root
-
-
 def test_runtime_runs_the_fused_graphs_and_matches_eager(tiny_pipe, stage_artifacts, astronaut):
     digest = model_hash(tiny_pipe)
     entries = [select_artifact(stage_artifacts, digest, g, "fp32") for g in STAGES]
@@ -58,26 +48,8 @@ def test_fused_and_unfused_graphs_give_the_same_images(tiny_pipe, stage_artifact
         torch.testing.assert_close(a.images, b.images, rtol=1e-5, atol=1e-5 * float(b.images.abs().max()))
 
 
-def _perturbed_delta(seed: int):
-    """(base pipe, customized pipe, delta) with every delta tensor (PromptNet, the UNet's to_q/to_k/to_v:
-    the projections feeding the fused attention) perturbed."""
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.training.delta import base_fingerprint, delta_parameters, extract_delta
-
-    base = ProFusionPipeline.from_preset("tiny", seed=0)
-    custom = ProFusionPipeline.from_preset("tiny", seed=0)
-    for pipe in (base, custom):
-        pipe.progress_bar = False
-    fp = base_fingerprint(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in delta_parameters(custom).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02 * (p.abs().mean() + 1e-3))
-    return base, custom, extract_delta(custom, fp)
-
-
-def test_delta_hot_swap_on_the_fused_graphs(stage_artifacts, astronaut):
-    base, custom, delta = _perturbed_delta(3)
+def test_delta_hot_swap_on_the_fused_graphs(stage_artifacts, astronaut, perturbed_delta):
+    base, custom, delta = perturbed_delta(3)
     runtime = create_runtime(base, "onnxruntime", artifacts=stage_artifacts)
     assert runtime.fusion_engine.path.name == ORT_ONNX_FILE
     before = runtime(reference_image=astronaut, output_type="latent", **KW).images
