@@ -74,10 +74,18 @@ def _request(job: dict[str, Any], **overrides) -> dict[str, Any]:
 
 def create_backend_runtime(pipe, job: dict[str, Any]):
     """The runtime of ``job['backend']`` over ``pipe`` (``create_runtime``; ``ort_threads`` sets the
-    onnxruntime engines' thread count)."""
+    onnxruntime engines' thread count). With ``artifacts_only`` the runtime is built from the artifact
+    folder alone and ``pipe`` is not used."""
     from profusion_rt.runtime import create_runtime
 
     backend = job["backend"]
+    if job.get("artifacts_only"):
+        # Every network from the exported graphs (Runtime.from_artifacts): the export-then-serve path.
+        from profusion_rt.runtime.artifact_pipeline import create_runtime_from_artifacts
+
+        return create_runtime_from_artifacts(job["artifacts"], backend, device=pipe.device,
+                                             precision=job.get("precision") or "fp32",
+                                             threads=job.get("ort_threads") or job.get("threads"))
     options = {}
     if job.get("precision"):
         options["precision"] = job["precision"]

@@ -1,8 +1,11 @@
 """``profusion-rt demo``: the README's main job on the embedded tiny preset (random weights).
 
-1. exports the tiny model's fused stage graphs (and the VAE decoder) to ONNX, validated against PyTorch;
+1. exports the tiny model's fused stage graphs and the encoders and VAE decoder to ONNX, validated against
+   PyTorch;
 2. runs every available backend on the same seed, each in its own process (eager reference, fused eager
-   torch, torch.compile, onnxruntime, TensorRT when present): one warm-up call each, then rounds of one
+   torch, torch.compile, onnxruntime over the pipeline's encoders, onnxruntime from the artifact folder
+   alone (``Runtime.from_artifacts``: every network on onnxruntime), TensorRT when present): one warm-up
+   call each, then rounds of one
    timed run per backend (interleaved, so load changes on a shared machine hit all backends alike);
 3. writes each backend's image, and prints and writes a parity and speed table against the eager
    reference (``demo_table.md``, ``demo_results.json``).
@@ -20,7 +23,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEMO_PROMPT = "a {S*} wearing sunglasses, oil painting"
-BACKEND_ORDER = ("eager", "torch", "torch-compile", "onnxruntime", "tensorrt")
+BACKEND_ORDER = ("eager", "torch", "torch-compile", "onnxruntime", "onnxruntime-artifacts", "tensorrt")
+#: demo rows that are not backend names -> the backend they run (from the artifact folder alone)
+ROW_BACKENDS = {"onnxruntime-artifacts": "onnxruntime"}
 
 
 def demo_reference_image():
@@ -41,8 +46,10 @@ def demo_reference_image():
 def export_demo_artifacts(pipe, root: Path) -> list:
     from export.cache import export_artifacts
 
-    graphs = ["fusion_stage", "refinement_stage"]
-    return export_artifacts(pipe, root, graphs=graphs, progress=True, validate=True, batch=1,
+    from .runtime.artifact_pipeline import REQUIRED_GRAPHS
+
+    # The two stages, and the encoders and decoder the artifact-only runtime needs.
+    return export_artifacts(pipe, root, graphs=list(REQUIRED_GRAPHS), progress=True, validate=True, batch=1,
                             dynamic_batch=(1, 4), exporter="legacy")
 
 
@@ -124,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_image(demo_reference_image(), out / "reference.png")
 
-    print(f"[1/3] exporting the tiny preset's stage graphs to ONNX (validated) -> {artifacts}")
+    print(f"[1/3] exporting the tiny preset's stage graphs, encoders and decoder to ONNX (validated) -> {artifacts}")
     start = time.perf_counter()
     pipe = ProFusionPipeline.from_preset("tiny", seed=0)
     reports = export_demo_artifacts(pipe, artifacts)
@@ -134,6 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     available = available_backends("cpu", artifacts)
     available["eager"] = ""
+    available["onnxruntime-artifacts"] = available.get("onnxruntime", "")
     request = {"prompt": DEMO_PROMPT, "num_inference_steps": args.steps, "seed": args.seed, "fusion_steps": 1}
     threads = args.threads or torch.get_num_threads()
     wanted = BACKEND_ORDER if not args.backends else tuple(b.strip() for b in args.backends.split(",") if b.strip())
@@ -153,9 +161,9 @@ def run_demo(args: argparse.Namespace) -> int:
             results[name] = {"name": name, "ok": False, "reason": reason}
             print(f"      {name}: skipped ({reason})")
             continue
-        jobs[name] = {"backend": name, "name": name, "model": "tiny", "request": request,
+        jobs[name] = {"backend": ROW_BACKENDS.get(name, name), "name": name, "model": "tiny", "request": request,
                       "artifacts": str(artifacts), "warmup": 0, "repeats": args.repeats, "out": str(out / "runs"),
-                      "threads": threads, "ort_threads": threads}
+                      "threads": threads, "ort_threads": threads, "artifacts_only": name in ROW_BACKENDS}
     results.update(run_interleaved(jobs, args.repeats))
     eager = results["eager"]
     if not eager["ok"]:
