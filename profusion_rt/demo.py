@@ -5,8 +5,8 @@
 2. runs every available backend on the same seed, each in its own process (eager reference, fused eager
    torch, torch.compile, onnxruntime over the pipeline's encoders, onnxruntime from the artifact folder
    alone (``Runtime.from_artifacts``: every network on onnxruntime), TensorRT when present): one warm-up
-   call each, then rounds of one
-   timed run per backend (interleaved, so load changes on a shared machine hit all backends alike);
+   call each, then rounds of one timed run per backend (interleaved, so load changes on a shared machine
+   hit all backends alike);
 3. writes each backend's image, and prints and writes a parity and speed table against the eager
    reference (``demo_table.md``, ``demo_results.json``).
 """

@@ -451,6 +451,11 @@ class ProFusionPipeline(RequestPreparation):
     def scheduler_config(self):
         return self.scheduler.config
 
+    def image_tokens_shape(self, batch: int) -> tuple[int, int, int]:
+        """(batch, CLIP tokens incl. the class token, vision width) of :meth:`encode_reference`'s tokens."""
+        cfg = self.image_encoder.config
+        return (batch, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
     @property
     def encoders(self) -> TorchEncoders:
         return TorchEncoders(self)

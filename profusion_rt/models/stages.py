@@ -6,8 +6,9 @@ UNet on [∅, C[γS*]] -> fusion guidance -> variance-preserving re-noise of x_t
 
 They compose the same modules and the same :mod:`profusion_rt.sampling` functions as the eager pipeline
 (the UNet's context-free prefix is computed once for the k conditionings, see
-:mod:`profusion_rt.models.shared_prefix`), with every per-step and per-request scalar passed as a tensor (so one exported graph, or one compiled
-graph, serves every step and every request of the same shape). The scalars are packed per step:
+:mod:`profusion_rt.models.shared_prefix`), with every per-step and per-request scalar passed as a tensor
+(so one exported graph, or one compiled graph, serves every step and every request of the same shape).
+The scalars are packed per step:
 
 * fusion ``scalars`` = [c_eps, c_noise, fusion_guidance_scale, fusion_embedding_scale]
 * refinement ``scalars`` = [a_t, a_t', guidance_scale, reference_guidance_scale]

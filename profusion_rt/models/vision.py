@@ -32,9 +32,14 @@ def vae_encode(
     """[0, 1] images -> scaled latents. ``mode="sample"`` draws the posterior noise from ``generator`` on
     the CPU (device independent); ``"mean"`` takes the posterior mean."""
     dist = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist
+    return posterior_latents(dist.mean, dist.std, mode, generator) * vae.config.scaling_factor
+
+
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor, mode: str,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The VAE posterior's ``mean`` (``mode="mean"``) or a draw ``mean + std * eps``, with ``eps`` float32
+    noise from ``generator`` on the CPU (device independent)."""
     if mode == "mean":
-        z = dist.mean
-    else:
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean)
-        z = dist.mean + dist.std * eps
-    return z * vae.config.scaling_factor
+        return mean
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
+    return mean + std * eps

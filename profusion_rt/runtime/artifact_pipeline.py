@@ -30,6 +30,7 @@ import torch
 from ..artifacts.specs import get_graph, precision_dtype, torch_dtype
 from ..artifacts.store import RUNTIME_JSON, ArtifactStore, RuntimeMetadata, load_runtime_metadata, verify_files
 from ..errors import InvalidParameterError, ModelLoadError
+from ..models.vision import posterior_latents
 from ..pipeline import RequestPreparation
 from .backends import STAGE_GRAPHS, onnxruntime_engine, pick_artifact, tensorrt_engine
 from .engine import Engine
@@ -134,12 +135,8 @@ class GraphEncoders:
 
     def reference_latents(self, pixels, mode, generator):
         out = self.graphs["vae_encoder"](pixels=pixels)
-        mean, std = out["mean"], out["std"]  # both already multiplied by the VAE scaling factor
-        if mode == "mean":
-            return mean
-        # the posterior draw of models.vision.vae_encode: float32 noise from the CPU generator
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
-        return mean + std * eps
+        # mean and std are already multiplied by the VAE scaling factor
+        return posterior_latents(out["mean"], out["std"], mode, generator)
 
     def image_tokens(self, pixels):
         return self.graphs["image_encoder"](pixels=pixels)["image_tokens"]
@@ -178,9 +175,6 @@ class ArtifactRuntime(Runtime):
     :func:`create_runtime_from_artifacts`)."""
 
     pipe: ArtifactPipeline
-
-    def _image_tokens_shape(self, batch: int) -> tuple[int, int, int]:
-        return self.pipe.image_tokens_shape(batch)
 
     def apply_delta(self, delta) -> float:
         raise InvalidParameterError(

@@ -220,7 +220,7 @@ class Runtime:
         b, steps, fusion = self._shape_key(req)
         dev, dt = self.device, self.dtype
         emb = req.prompts.embeds
-        tokens_shape = self._image_tokens_shape(b)
+        tokens_shape = self.pipe.image_tokens_shape(b)
         t = {
             "x_a": torch.empty_like(req.latents),
             "x_b": torch.empty_like(req.latents),
@@ -249,10 +249,6 @@ class Runtime:
             calls.append((self.refinement_engine, feeds, {STAGE_OUTPUT: nxt}))
             cur, nxt = nxt, cur
         return StaticBuffers(key=self._shape_key(req), tensors=t, calls=calls, final=cur)
-
-    def _image_tokens_shape(self, batch: int) -> tuple[int, int, int]:
-        cfg = self.pipe.image_encoder.config
-        return (batch, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
 
     def _load(self, buf: StaticBuffers, req: PreparedRequest) -> None:
         """Copy one request's constants into the static buffers (no reallocation)."""
