@@ -244,3 +244,15 @@ def test_serving_imports_neither_export_nor_onnx(artifacts):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "FORBIDDEN []" in res.stdout, res.stdout
+
+
+def test_benchmark_worker_builds_the_artifact_only_runtime(tiny_pipe, artifacts, astronaut):
+    """The demo's ``onnxruntime-artifacts`` row: a worker job with ``artifacts_only`` gets the runtime built
+    from the folder alone (not the pipeline's), and it matches the eager reference."""
+    from benchmarks.worker import create_backend_runtime
+
+    job = {"backend": "onnxruntime", "artifacts": str(artifacts), "artifacts_only": True, "ort_threads": 1}
+    runtime = create_backend_runtime(tiny_pipe, job)
+    assert isinstance(runtime, ArtifactRuntime) and runtime.pipe is not tiny_pipe
+    ref = tiny_pipe(reference_image=astronaut, output_type="np", **KW)
+    _assert_parity(runtime(reference_image=astronaut, output_type="np", **KW), ref)
