@@ -9,14 +9,11 @@ error) against the fp32 eager run. The eager fp16 process also measures the fp16
 once per call, and the cost-of-fusion / official-vs-minimal comparisons at 20 steps; the CUDA-graph
 process runs a batch / steps / resolution sweep at 20 steps.
 
-Here (the CPU machine), once, fetch what the GPU image lacks (diffusers; matplotlib is optional, without
-it the plots are drawn afterwards here with ``python -m benchmarks.report <folder>``)::
+On a GPU machine that lacks some of the project's pure-Python dependencies (diffusers; matplotlib is
+optional, without it the plots are drawn afterwards with ``python -m benchmarks.report <folder>``), download
+their wheels elsewhere into ``.whl`` and install them there first (``benchmarks/README.md``, "The GPU run")::
 
-    ../shared/tools/gpu-wheels
-
-Then one device call with ``carry: [".whl"]`` and ``timeout_s: 540``::
-
-    <install line printed by gpu-wheels> python benchmarks/gpu_suite.py --out $OUT/gpu --budget-s 420
+    python benchmarks/gpu_suite.py --out $OUT/gpu --budget-s 420
 
 and commit ``results.json`` / ``results.md`` from ``$OUT/gpu`` under ``benchmarks/results/<gpu-tag>/``.
 Without CUDA the script prints a message and exits 0; ``--device cpu --model tiny`` dry-runs it here.

@@ -11,9 +11,8 @@ of the whole customization without the model build, and the peak GPU memory.
 Without CUDA it prints a message and exits 0. ``--budget-s`` stops the iterations early (and extrapolates)
 if they would not fit the lent machine's time.
 
-On the lent GPU machine (no diffusers there): fetch the wheels here with ``../shared/tools/gpu-wheels``,
-then run with ``carry: [".whl"]`` and the printed install line followed by
-``python benchmarks/training/gpu_customize.py``.
+On a GPU machine without diffusers: install its wheels first (``benchmarks/README.md``, "The GPU run"),
+then run ``python benchmarks/training/gpu_customize.py``.
 """
 
 from __future__ import annotations
