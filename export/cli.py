@@ -103,6 +103,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipe = _load(args)
+    from profusion_rt.presets import announce_random_weights
+
+    announce_random_weights(pipe)
     builder = ArtifactBuilder(pipe, args.out, options)
     print(f"model {args.model}: hash {builder.model_hash}, {args.precision}, batch {args.batch}"
           f"{' (dynamic %d..%d)' % dynamic if dynamic else ''}, opset {args.opset}, {args.exporter} exporter")

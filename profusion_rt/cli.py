@@ -51,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="preset name (tiny, sd2-base, sd2-768) or model folder")
     p.add_argument("--promptnet", default=None, help="separate PromptNet folder (with a plain SD2 --model)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the model's weights")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of a preset")
 
 
@@ -60,15 +60,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help='prompt; "{S*}" marks the subject, e.g. "a {S*} wearing sunglasses"')
     p.add_argument("--class-word", default="person", help="class word for the reference guidance prompt C~")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=7.0)
-    p.add_argument("--reference-guidance-scale", type=float, default=5.0)
-    p.add_argument("--fusion-steps", type=int, default=1)
-    p.add_argument("--fusion-guidance-scale", type=float, default=7.0)
-    p.add_argument("--fusion-eta", type=float, default=1.0)
-    p.add_argument("--fusion-embedding-scale", type=float, default=0.6)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--reference-mode", default="sample", choices=["sample", "mean"])
+    p.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance scale w")
+    p.add_argument("--reference-guidance-scale", type=float, default=5.0,
+                   help="guidance towards the class-word prompt C~ in the refinement stage")
+    p.add_argument("--fusion-steps", type=int, default=1, help="fusion (re-noise) steps per DDIM step")
+    p.add_argument("--fusion-guidance-scale", type=float, default=7.0, help="guidance scale of the fusion stage")
+    p.add_argument("--fusion-eta", type=float, default=1.0, help="re-noising eta of the fusion stage")
+    p.add_argument("--fusion-embedding-scale", type=float, default=0.6, help="scale of S* in the fusion stage")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (image j: seed + j)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--reference-mode", default="sample", choices=["sample", "mean"],
+                   help="reference latent: a posterior draw or its mean")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -133,6 +135,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model_hash is not None:
         raise ProFusionError("--model-hash picks an exported model for a run without --model")
     pipe = load_pipeline(args.model or "tiny", args.promptnet, args.device, args.dtype, args.weights_seed)
+    from .presets import announce_random_weights
+
+    announce_random_weights(pipe)
     if args.backend == "eager":
         if args.artifacts is not None:
             raise ProFusionError("--artifacts is used by the runtime backends; pick one with --backend")
@@ -152,12 +157,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_and_save(generate, args: argparse.Namespace) -> int:
     from .image_io import save_image
+    from .presets import weights_label
 
     start = time.perf_counter()
     result = generate(output_type="pil", **sampling_kwargs(args))
     elapsed = time.perf_counter() - start
-    for path, image in zip(output_paths(Path(args.out), len(result.images)), result.images):
-        save_image(image, path)
+    metadata = {"weights": weights_label(generate)}
+    seeds = list(result.seeds) if len(result.seeds) == len(result.images) else [None] * len(result.images)
+    for path, image, seed in zip(output_paths(Path(args.out), len(result.images)), result.images, seeds):
+        save_image(image, path, metadata={**metadata, "prompt": args.prompt,
+                                          **({"seed": str(seed)} if seed is not None else {})})
         print(f"wrote {path}")
     print(f"{len(result.images)} image(s) in {elapsed:.2f} s (seeds {result.seeds})")
     return 0
@@ -199,14 +208,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings or action.required:
+            return text
+        if action.default is None:
+            return f"{text} (default: not set)".strip()
+        return super()._get_help_string(action) if action.help else "(default: %(default)s)"
+
+
+def package_version() -> str:
+    """The installed distribution's version (``importlib.metadata``); "unknown" when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("profusion-rt")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="profusion-rt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="generate an image with the eager reference pipeline")
+    p = sub.add_parser("generate", help="generate an image with the eager reference pipeline",
+                       formatter_class=DefaultsHelpFormatter)
     add_model_args(p)
     p.set_defaults(model=None)  # None: tiny, or with --artifacts and onnxruntime/tensorrt no model at all
+    for action in p._actions:
+        if action.dest == "model":
+            action.help += " (default: tiny; with --artifacts and --backend onnxruntime|tensorrt: no model)"
     add_sampling_args(p)
     p.add_argument("--out", default="out.png", help="output image (several: out-0.png, out-1.png, ...)")
     p.add_argument("--backend", default="eager",
@@ -249,7 +285,7 @@ def _extra_parsers():
 
     found = []
     for module in ("profusion_rt.training.cli", "export.cli", "profusion_rt.runtime.cli",
-                   "benchmarks.cli", "profusion_rt.serve_cli"):
+                   "benchmarks.cli", "profusion_rt.serve_cli", "profusion_rt.evaluation.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -134,6 +134,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[1/3] exporting the tiny preset's stage graphs, encoders and decoder to ONNX (validated) -> {artifacts}")
     start = time.perf_counter()
     pipe = ProFusionPipeline.from_preset("tiny", seed=0)
+    from .presets import announce_random_weights, weights_label
+
+    announce_random_weights(pipe)
     reports = export_demo_artifacts(pipe, artifacts)
     for rep in reports:
         print("      " + rep.summary())
@@ -180,7 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
         failures += r["status"] == "PARITY FAILED"
         r["speedup"] = eager["median_s"] / r["median_s"]
         r["loop_s"] = float(np.median([run["loop_s"] for run in r["runs"]]))
-        save_image(r["_images"][0], out / f"profusion_tiny_{r['name']}.png")
+        save_image(r["_images"][0], out / f"profusion_tiny_{r['name']}.png",
+                   metadata={"weights": weights_label(pipe), "backend": r["name"]})
 
     rows = [results[n] for n in BACKEND_ORDER]
     table = format_table(rows)

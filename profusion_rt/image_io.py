@@ -29,6 +29,7 @@ __all__ = [
     "center_crop_resize",
     "load_image",
     "pil_to_tensor",
+    "png_info",
     "save_image",
     "tensor_to_pil",
     "to_uint8",
@@ -318,13 +319,28 @@ def _format_for(path: Path) -> str:
     return formats[extension]
 
 
-def save_image(image: Image.Image | torch.Tensor | np.ndarray, path: str | os.PathLike, **save_options) -> Path:
+def png_info(metadata: dict[str, str] | None):
+    """A ``PIL.PngImagePlugin.PngInfo`` holding ``metadata`` as PNG text chunks (``None`` for none), e.g.
+    ``{"weights": "random (preset tiny)"}`` (:func:`profusion_rt.presets.weights_label`)."""
+    if not metadata:
+        return None
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(str(key), str(value))
+    return info
+
+
+def save_image(image: Image.Image | torch.Tensor | np.ndarray, path: str | os.PathLike,
+               metadata: dict[str, str] | None = None, **save_options) -> Path:
     """Write an image to ``path`` atomically and return the path.
 
     The format follows the extension. The parent folder is created; the image is written to a temporary
     file in the same folder, then moved into place with ``os.replace`` (readers never see a partial file).
     A tensor is converted with :func:`tensor_to_pil`, an array with :func:`load_image`. ``save_options`` go
-    to ``PIL.Image.save`` (e.g. ``quality=95``). Failures raise :class:`OutputPathError` with one line.
+    to ``PIL.Image.save`` (e.g. ``quality=95``). ``metadata`` becomes PNG text chunks (ignored for other
+    formats). Failures raise :class:`OutputPathError` with one line.
     """
     target = Path(os.fspath(path)).expanduser()
     if isinstance(image, torch.Tensor):
@@ -334,6 +350,8 @@ def save_image(image: Image.Image | torch.Tensor | np.ndarray, path: str | os.Pa
     elif not isinstance(image, Image.Image):
         raise OutputPathError(f"cannot save a {type(image).__name__} to {target}; expected a PIL image")
     image_format = _format_for(target)
+    if metadata and image_format == "PNG" and "pnginfo" not in save_options:
+        save_options["pnginfo"] = png_info(metadata)
     if image_format in ("JPEG", "MPO") and image.mode not in ("RGB", "L", "CMYK"):
         image = _to_rgb(image)
     if target.is_dir():

@@ -356,6 +356,9 @@ class ProFusionPipeline(RequestPreparation):
     running these modules through :class:`TorchEncoders`.
     """
 
+    #: True for a preset's seeded random weights (``from_preset``); see :func:`profusion_rt.presets.weights_label`
+    random_weights: bool = False
+
     def __init__(
         self,
         unet,
@@ -398,6 +401,7 @@ class ProFusionPipeline(RequestPreparation):
         preset = get_preset(name)
         pipe = cls.from_components(build_components(preset, seed=seed, device=device),
                                    resolution=preset.resolution, preset=name)
+        pipe.random_weights = preset.random_weights  # announced by the commands (presets.announce_random_weights)
         return pipe.to(device, dtype)
 
     @classmethod

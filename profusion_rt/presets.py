@@ -52,6 +52,9 @@ class Preset:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD2_SCHEDULER))
     #: Number of final text-encoder layers skipped (1 = read ``hidden_states[-2]`` like OpenCLIP/ProFusion).
     text_skip_layers: int = 1
+    #: ``from_preset`` draws the weights from a seed (every preset today): commands announce it
+    #: (:func:`announce_random_weights`), ``/healthz`` and image metadata say so (:func:`weights_label`).
+    random_weights: bool = True
 
     @property
     def latent_size(self) -> int:
@@ -194,6 +197,39 @@ _PRESETS = {"tiny": _tiny, "sd2-base": lambda: _sd2(512, False), "sd2-768": lamb
 
 def preset_names() -> list[str]:
     return list(_PRESETS)
+
+
+#: The one line every command (generate, serve, export, demo) logs for a pipeline with random weights.
+RANDOM_WEIGHTS_WARNING = ("model {name!r} has RANDOM weights (a preset drawn from a seed): its images are noise-like "
+                          "and only good for testing and timing; pass a model folder to --model for real weights")
+
+
+def has_random_weights(pipe) -> bool:
+    """Whether ``pipe`` (a pipeline, a runtime or an artifact pipeline) runs random preset weights; set by
+    ``ProFusionPipeline.from_preset`` from :attr:`Preset.random_weights`."""
+    pipe = getattr(pipe, "pipe", pipe)  # a Runtime holds its pipeline in .pipe
+    return bool(getattr(pipe, "random_weights", False))
+
+
+def weights_label(pipe) -> str:
+    """``"random (preset tiny)"`` for random preset weights, else ``"loaded"``: the ``weights`` field of
+    ``/healthz`` and of the images' metadata."""
+    inner = getattr(pipe, "pipe", pipe)
+    if has_random_weights(inner):
+        return f"random (preset {getattr(inner, 'preset', None) or 'unknown'})"
+    return "loaded"
+
+
+def announce_random_weights(pipe, log=None) -> bool:
+    """Log :data:`RANDOM_WEIGHTS_WARNING` once (warning level) when ``pipe`` has random weights."""
+    import logging
+
+    if not has_random_weights(pipe):
+        return False
+    inner = getattr(pipe, "pipe", pipe)
+    (log or logging.getLogger("profusion_rt")).warning(
+        RANDOM_WEIGHTS_WARNING.format(name=getattr(inner, "preset", None) or "preset"))
+    return True
 
 
 def get_preset(name: str) -> Preset:

@@ -1126,7 +1126,10 @@ class Server:
         job = Job(kwargs=kwargs, images=p.num_images, delta_key=subject.id if subject and subject.delta else None,
                   delta=subject.delta if subject else None, deadline=time.monotonic() + timeout)
         result: GenerationResult = await self._wait(request, job, start + timeout - time.perf_counter())
-        pngs = await run_in_threadpool(lambda: [_png(im) for im in result.images])
+        from .presets import weights_label
+
+        png_text = {"weights": weights_label(self.pipe)}
+        pngs = await run_in_threadpool(lambda: [_png(im, png_text) for im in result.images])
         total_ms = 1000 * (time.perf_counter() - start)
         timings = {"queue_ms": 1000 * result.queue_s, "swap_ms": 1000 * result.swap_s,
                    "prepare_ms": 1000 * result.prepare_s, "loop_ms": 1000 * result.loop_s,
@@ -1319,8 +1322,11 @@ class Server:
             "source", "created", "name", "has_delta", "has_reference", "reference", "customize_steps")}}
 
     def health(self) -> dict[str, Any]:
+        from .presets import weights_label
+
         return {"status": "ok" if self.ready else "starting", "backend": self.runtime.backend,
                 "device": str(self.pipe.device), "model_hash": self.model_hash, "resolution": self.pipe.resolution,
+                "weights": weights_label(self.pipe),
                 "queue_depth": self.scheduler.depth, "max_queue": self.config.max_queue,
                 "max_batch": self.config.max_batch, "current_subject": self.scheduler.current_subject}
 
@@ -1331,9 +1337,11 @@ def _json(data: dict[str, Any], status: int = 200):
     return JSONResponse(data, status_code=status)
 
 
-def _png(image) -> bytes:
+def _png(image, metadata: dict[str, str] | None = None) -> bytes:
+    from .image_io import png_info
+
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=png_info(metadata))
     return buffer.getvalue()
 
 

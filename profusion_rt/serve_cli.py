@@ -77,6 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
     pipe.progress_bar = False
+    from .presets import announce_random_weights
+
+    announce_random_weights(pipe)
     runtime = create_runtime(pipe, args.backend, artifacts=args.artifacts,
                              **({"precision": args.precision} if args.precision else {}))
     app = create_app(runtime, config)

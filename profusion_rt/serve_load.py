@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         pipe = load_pipeline(args.model)
         pipe.progress_bar = False
+        from .presets import announce_random_weights
+
+        announce_random_weights(pipe)
         runtime = create_runtime(pipe, args.backend, artifacts=args.artifacts)
         config = ServeConfig(data_dir=tempfile.mkdtemp(prefix="serve-load-"), max_queue=max(levels) * 2,
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, timeout_s=args.timeout,
