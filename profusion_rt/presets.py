@@ -212,11 +212,15 @@ def has_random_weights(pipe) -> bool:
 
 
 def weights_label(pipe) -> str:
-    """``"random (preset tiny)"`` for random preset weights, else ``"loaded"``: the ``weights`` field of
-    ``/healthz`` and of the images' metadata."""
+    """``"random (preset tiny)"`` for random preset weights, ``"loaded"`` for a pipeline loaded from a model
+    folder, ``"not recorded (...)"`` for one that does not know (a runtime from artifacts alone): the
+    ``weights`` field of ``/healthz`` and of the images' metadata."""
     inner = getattr(pipe, "pipe", pipe)
     if has_random_weights(inner):
         return f"random (preset {getattr(inner, 'preset', None) or 'unknown'})"
+    if not hasattr(inner, "random_weights"):
+        preset = getattr(inner, "preset", None)
+        return f"not recorded (exported from preset {preset})" if preset else "not recorded"
     return "loaded"
 
 

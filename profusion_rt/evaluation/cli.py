@@ -78,7 +78,8 @@ def _prompts(args) -> list[str]:
         try:
             prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidParameterError(f"cannot read --prompts {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            reason = getattr(exc, "strerror", None) or exc
+            raise InvalidParameterError(f"cannot read --prompts {path}: {reason}") from None
         if not prompts:
             raise InvalidParameterError(f"--prompts {path} holds no prompt")
     return prompts or [DEFAULT_PROMPT]
@@ -190,13 +191,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if face is not None:
         notes.append("face identity: the whole image is the face crop (no detector); " + (face.problem or
                      "images the model could not be fed are skipped with a reason in eval.json"))
-    conditions = (f"{'Folders ' + ', '.join(sets) if folder_mode else 'Model ' + args.model + ' (' + weights_label(pipe) + ')'}"
-                  f"; {len(items)} image(s) per set" + ("" if folder_mode else
+    source = f"Folders {', '.join(sets)}" if folder_mode else f"Model {args.model} ({weights_label(pipe)})"
+    conditions = (f"{source}; {len(items)} image(s) per set" + ("" if folder_mode else
                   f", {args.steps} steps, {args.fusion_steps} fusion step(s), guidance {args.guidance_scale:g}, "
                   f"seeds {args.seeds}, device {pipe.device}, {torch.get_num_threads()} torch threads"))
     result = {
         "profusion_rt_version": package_version(), "machine": report.machine(), "conditions": conditions,
-        "mode": "folders" if folder_mode else "generated", "model": None if folder_mode and pipe is None else args.model,
+        "mode": "folders" if folder_mode else "generated",
+        "model": None if folder_mode and pipe is None else args.model,
         "weights": weights_label(pipe) if pipe is not None else None, "reference_image": str(args.reference),
         "reference_set": reference_set, "sampling": None if folder_mode else sampling,
         "thresholds": {"psnr_min": args.psnr_min, "ssim_min": args.ssim_min},

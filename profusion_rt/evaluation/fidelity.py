@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -185,10 +184,6 @@ def generate_sets(pipe, backends: Sequence[str], items: Sequence[Item], referenc
 
 
 # -- scores ------------------------------------------------------------------------------------------------------
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else value
-
 
 def quality_rows(sets: dict[str, ImageSet], items: Sequence[Item], reference_image: Image.Image,
                  clip: metrics.ClipEmbedder, class_word: str, dino: metrics.DinoEmbedder | None = None,

@@ -257,7 +257,8 @@ class FaceEmbedder:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ModelLoadError("the face-embedding model needs onnxruntime: pip install 'profusion-rt[onnx]'") from None
+            raise ModelLoadError("the face-embedding model needs onnxruntime: "
+                                 "pip install 'profusion-rt[onnx]'") from None
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001

@@ -24,9 +24,14 @@ def test_flag_and_label(tiny_pipe):
     assert tiny_pipe.random_weights is True and has_random_weights(tiny_pipe)
     assert weights_label(tiny_pipe) == "random (preset tiny)"
 
-    class Loaded:  # a pipeline from a model folder carries no flag
+    class Loaded:  # a pipeline from a model folder: the class default
         preset = "tiny"
+        random_weights = False
     assert not has_random_weights(Loaded()) and weights_label(Loaded()) == "loaded"
+
+    class FromArtifacts:  # a runtime from artifacts alone does not know
+        preset = "tiny"
+    assert weights_label(FromArtifacts()) == "not recorded (exported from preset tiny)"
 
     class Runtime:  # a runtime is labelled by its pipeline
         pipe = tiny_pipe
