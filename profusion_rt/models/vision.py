@@ -8,11 +8,19 @@ from torch import nn
 from ..presets import CLIP_MEAN, CLIP_STD
 
 
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """[0, 1] images (B, 3, H, W) -> bicubic resize to ``size`` (antialias pinned on, as torchvision >= 0.17
-    does for tensors) -> OpenAI-CLIP normalisation. No crop: the reference is already square."""
-    # float32: the antialiased bicubic kernel has no half-precision CPU implementation
-    x = nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True,
+#: Antialiasing of the CLIP resize. The official code (train.py and the notebook/pipeline) runs torchvision's
+#: ``Resize(224, BICUBIC)`` on a tensor with ``antialias`` unset; its environment (May 2023, torchvision
+#: unpinned: 0.15) did not antialias tensors then (the default turned on in 0.17), so neither do we.
+CLIP_ANTIALIAS = False
+
+
+def clip_preprocess(images: torch.Tensor, size: int, antialias: bool = CLIP_ANTIALIAS) -> torch.Tensor:
+    """[0, 1] images (B, 3, H, W) -> bicubic resize to ``size`` in float32 (``antialias`` off by default, as
+    the official code's torchvision did for tensors; see :data:`CLIP_ANTIALIAS`) -> OpenAI-CLIP
+    normalisation. No crop: the reference is already square."""
+    # float32: as torchvision (it resizes half tensors in float32); the antialiased bicubic kernel also has
+    # no half-precision CPU implementation
+    x = nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=antialias,
                                   align_corners=False)
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidParameterError, OutputPathError
-from .augment import FILL_MODES, Inpainter, customization_images
+from .augment import FILL_MODES, Inpainter, augmentation_record, customization_images
 from .data import SubjectImageDataset, derive_seed
 from .delta import save_delta
-from .trainer import Trainer, TrainConfig, TrainResult, check_steps
+from .trainer import OFFICIAL_PRETRAIN_STEPS, Trainer, TrainConfig, TrainResult, check_steps
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def _train(pipe, dataset: SubjectImageDataset, config: TrainConfig, steps: int, 
 
 
 def pretrain(pipe, data: str | os.PathLike | SubjectImageDataset, out_dir: str | os.PathLike | None = None,
-             steps: int = 1000, config: TrainConfig | None = None, *, group_by_subject: bool = False,
+             steps: int = OFFICIAL_PRETRAIN_STEPS, config: TrainConfig | None = None, *,
+             group_by_subject: bool = False,
              overwrite: bool = False, resume: str | os.PathLike | None = None, checkpoint_every: int = 0,
              keep_checkpoints: int = 2, progress: bool = True,
              callback: Callable[[Trainer, float], None] | None = None) -> JobResult:
@@ -148,6 +149,10 @@ def customize(pipe, image, out_dir: str | os.PathLike | None = None, steps: int 
     out = prepare_output_dir(out_dir, outputs, overwrite, resume is not None) if out_dir is not None else None
 
     timings: dict[str, float] = {}
+    if inpainter is None:
+        logger.warning("no inpainting model: the augmentations' blank areas get the %r fill, without the face box "
+                       "(the official notebook inpaints them with SD2-inpainting: pass --inpaint-model)", fill)
+    augmentation = augmentation_record(inpainter, fill)
     start = time.perf_counter()
     images = customization_images(image, pipe.resolution, num_augmentations, derive_seed(config.seed, "augment"),
                                   fill, inpainter)
@@ -167,7 +172,7 @@ def customize(pipe, image, out_dir: str | os.PathLike | None = None, steps: int 
         start = time.perf_counter()
         training: dict[str, Any] = {
             "steps": trainer.step, "config": config.to_dict(), "num_augmentations": num_augmentations,
-            "fill": "inpainter" if inpainter is not None else fill,
+            "fill": "inpainting" if inpainter is not None else fill, "augmentation": augmentation,
         }
         if save_model:
             result.model_dir = pipe.save_pretrained(out / MODEL_DIR, overwrite=overwrite)

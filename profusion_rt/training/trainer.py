@@ -9,25 +9,31 @@ reproducible from its seed on any device and can be resumed exactly):
    z = (mean + std * n) * scaling_factor; the frozen VAE's mean and std are cached per image for small sets);
 3. timesteps t ~ U{0, ..., T-1};  4. noise eps ~ N(0, I).
 
-Then x_t = sqrt(a_t) z + sqrt(1 - a_t) eps (``alphas_cumprod`` of the scheduler), S* = PromptNet(z_ref, t,
-CLIP tokens of the reference, x_t), the condition C = text encoder of "a photo of {S*}" with S* in place
-of the placeholder (scale 1), and the loss is MSE(UNet(x_t, t, C), eps) in float32. No regularizer.
+Then :func:`diffusion_loss` (public, it takes its noise and timesteps explicitly): x_t = sqrt(a_t) z +
+sqrt(1 - a_t) eps (``alphas_cumprod`` of the scheduler), S* = PromptNet(z_ref, t, CLIP tokens of the
+reference, x_t), the condition C = text encoder of the training prompt with S* in place of the placeholder
+(scale 1), and the loss is the mean over the batch of the per-image mean of (UNet(x_t, t, C) - eps)^2, in
+float32. No regularizer.
 
-Prompt: the training prompt is tokenized with :func:`~profusion_rt.models.tokenizer.tokenize_prompt`, i.e.
-padded to 77 tokens with the end and pad tokens, the same layout the runtime samples with. The official
-code encoded an unpadded 6-token sequence; with a causal text encoder the first 6 output rows are the same
-either way, but the cross-attention also sees the 71 padding rows here, as it does at sampling time.
+Prompt (:func:`training_prompt_ids`): "a photo of {S*}" (the official ``"A photo of " + S*``; the CLIP
+tokenizer lower-cases) encoded as the official code does, **unpadded**: 6 tokens <start> a photo of S*
+<end>, S* replacing the whole embedding row at index 4 (token and position), the penultimate text layer,
+then the final layer norm (as in sampling).
 
 Trainable: PromptNet (``mode="pretrain"``), or PromptNet plus every UNet attention ``to_q``/``to_k``/
 ``to_v`` (``mode="customize"``); everything else is frozen and stays in eval mode (SD2 has no dropout).
-Trainable weights are float32; ``precision`` adds autocast (fp16 with a gradient scaler, or bf16).
-AdamW (betas 0.9/0.999, eps 1e-8, weight decay 1e-2 on every trainable tensor), constant learning rate,
-gradient-norm clipping, optional EMA with diffusers' warm-up: the k-th update (k = 0, 1, ...) uses
-decay_k = min(decay, (1 + k) / (10 + k)).
+Trainable weights are float32; ``precision`` adds autocast: ``"auto"`` = fp16 with a gradient scaler on
+CUDA (the official ``--mixed_precision fp16``), fp32 on the CPU; bf16 on request. AdamW (betas 0.9/0.999,
+eps 1e-8, weight decay 1e-2 on every trainable tensor), constant learning rate. Gradient-norm clipping as
+the official code: pre-training clips PromptNet's gradients at 1.0, customization does not clip
+(``max_grad_norm``, ``clip_scope`` change it). Optional EMA with the warm-up of the official code's
+diffusers ``EMAModel``: the n-th update (n = 1, 2, ...) uses decay 0 for n = 1 and
+min(decay, n / (9 + n)) = min(decay, (1 + k) / (10 + k)) with k = n - 1 after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -38,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InvalidParameterError
 from ..models import text as textenc
@@ -53,7 +58,11 @@ logger = logging.getLogger(__name__)
 
 MODES = ("pretrain", "customize")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: Which gradients ``max_grad_norm`` clips: PromptNet's (the official pre-training) or every trainable one.
+CLIP_SCOPES = ("promptnet", "trainable")
 DEFAULT_PROMPT = "a photo of {S*}"
+#: The official pre-training length (README: ``--max_train_steps=80000 --train_batch_size=8`` per GPU).
+OFFICIAL_PRETRAIN_STEPS = 80_000
 #: Encodings of a dataset are cached in memory when they need at most this many bytes.
 ENCODING_CACHE_LIMIT_BYTES = 1024 * 2**20
 
@@ -70,6 +79,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
+    clip_scope: str = "promptnet"
     precision: str = "auto"
     gradient_checkpointing: bool = False
     ema_decay: float | None = None
@@ -78,8 +88,9 @@ class TrainConfig:
 
     @classmethod
     def customization(cls, **overrides: Any) -> "TrainConfig":
-        """Single-image customization defaults: batch 4 (100 iterations is the default run length)."""
-        return cls(**{"mode": "customize", "batch_size": 4, **overrides})
+        """Single-image customization defaults (the official notebook): batch 4, no gradient clipping (100
+        iterations is the default run length)."""
+        return cls(**{"mode": "customize", "batch_size": 4, "max_grad_norm": None, **overrides})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -107,6 +118,8 @@ class TrainConfig:
 
         if self.mode not in MODES:
             raise InvalidParameterError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.clip_scope not in CLIP_SCOPES:
+            raise InvalidParameterError(f"clip_scope must be one of {', '.join(CLIP_SCOPES)}, got {self.clip_scope!r}")
         if self.precision not in PRECISIONS:
             raise InvalidParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         positive_int("batch_size")
@@ -147,10 +160,9 @@ def trainable_parameters(pipe, mode: str) -> dict[str, torch.nn.Parameter]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: fp16 autocast on CUDA (as the official runs), fp32 elsewhere."""
     if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise InvalidParameterError("fp16 mixed precision needs a CUDA device; use fp32 or bf16")
     return precision
@@ -170,6 +182,61 @@ def set_gradient_checkpointing(pipe, enabled: bool = True) -> None:
         if hasattr(module, "gradient_checkpointing"):
             module._gradient_checkpointing_func = _checkpointed_call
             module.gradient_checkpointing = enabled
+
+
+def training_prompt_ids(tokenizer, prompt: str = DEFAULT_PROMPT) -> tuple[torch.Tensor, int]:
+    """The training prompt's token ids, **unpadded** (start token .. end token), and the placeholder's index.
+
+    As the official code: ``"a photo of {S*}"`` gives 6 ids, <start> a photo of <S*> <end>, with S* at
+    index 4 (the id there is a stand-in: that embedding row is replaced by S*)."""
+    ids, index = tokenize_prompt(tokenizer, prompt, require_placeholder=True)
+    end = int((ids == tokenizer.eos_token_id).nonzero()[0])
+    return ids[: end + 1].clone(), int(index)
+
+
+def diffusion_loss(pipe, latents: torch.Tensor, ref_latents: torch.Tensor, ref_tokens: torch.Tensor,
+                   noise: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+                   placeholder_index: int, autocast: Callable[[], Any] | None = None) -> torch.Tensor:
+    """The ProFusion training loss of one batch (PROFUSION.md section 2), every random input given.
+
+    ``latents``: scaled VAE latents z of the targets (B, 4, h, w); ``ref_latents``: z_ref of the references;
+    ``ref_tokens``: their CLIP image tokens (B, T, V); ``noise``: eps (like ``latents``); ``timesteps``: t
+    (B,) int64; ``prompt_embeds``: token + position embeddings of the training prompt (1, L, D)
+    (:func:`training_prompt_ids`, ``text_encoder.embeddings``); ``placeholder_index``: the S* row.
+
+    x_t = sqrt(a_t) z + sqrt(1 - a_t) eps; S* = PromptNet(z_ref, t, tokens, x_t); C = final LN of the text
+    encoder's penultimate layer on the embeddings with row ``placeholder_index`` replaced by S*; the loss is
+    mean_b mean_{c,h,w} (UNet(x_t, t, C) - eps)^2 in float32 (a v-prediction model's target is
+    v = sqrt(a_t) eps - sqrt(1 - a_t) z, as train.py). ``autocast()``: a context for the forward passes
+    (mixed precision), none by default.
+    """
+    b = latents.shape[0]
+    a = pipe.scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps.long()]
+    a = a.view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+    mask = torch.zeros(1, prompt_embeds.shape[1], device=prompt_embeds.device, dtype=prompt_embeds.dtype)
+    mask[0, int(placeholder_index)] = 1.0
+    ctx = autocast() if autocast is not None else contextlib.nullcontext()
+    with ctx:
+        s_star = pipe.promptnet(ref_latents, timesteps, ref_tokens, x_t)
+        cond = textenc.encode_with_placeholder(pipe.text_encoder, prompt_embeds.expand(b, -1, -1),
+                                               mask.expand(b, -1), s_star, 1.0, pipe.text_skip_layers)
+        pred = pipe.unet(x_t, timesteps, encoder_hidden_states=cond).sample
+    prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
+    if prediction == "epsilon":
+        target = noise.float()
+    elif prediction == "v_prediction":  # as train.py: v = sqrt(a) eps - sqrt(1 - a) z
+        target = a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()
+    else:
+        raise InvalidParameterError(f"cannot train a model with prediction type {prediction!r}")
+    return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).mean()
+
+
+def ema_decay_at(update: int, decay: float) -> float:
+    """Decay of the ``update``-th EMA update (1-based), as diffusers' ``EMAModel`` of the official code:
+    0 for the first, then min(decay, (1 + k) / (10 + k)) with k = update - 1."""
+    k = int(update) - 1
+    return 0.0 if k <= 0 else min(float(decay), (1 + k) / (10 + k))
 
 
 @dataclass
@@ -260,7 +327,7 @@ class Trainer:
                 f"training needs float32 weights ({wrong[0]} is {self.params[wrong[0]].dtype}); load the model "
                 "in fp32 and choose mixed precision with precision='fp16'/'bf16'"
             )
-        ids, index = tokenize_prompt(pipe.tokenizer, config.prompt, require_placeholder=True)
+        ids, index = training_prompt_ids(pipe.tokenizer, config.prompt)
         self.base_fingerprint = fingerprint_tensors(self.params)
         self.data_fingerprint = data_fingerprint or dataset.fingerprint()
 
@@ -286,8 +353,10 @@ class Trainer:
 
         with torch.no_grad():
             self.prompt_embeds = textenc.token_embeddings(pipe.text_encoder, ids[None].to(self.device))
-        self.placeholder_mask = torch.zeros(1, ids.shape[0], device=self.device, dtype=self.prompt_embeds.dtype)
-        self.placeholder_mask[0, index] = 1.0
+        self.placeholder_index = index
+        clip = pipe.promptnet.parameters() if config.clip_scope == "promptnet" or config.mode == "pretrain" \
+            else self.params.values()
+        self.clip_params = [p for p in clip if id(p) in {id(q) for q in self.params.values()}]
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(torch.float32)
         self.encoder = _ImageEncoder(pipe, dataset, self._autocast)
         logger.info("trainer: %s, %d trainable tensors (%.2f M params), precision %s, %s encodings",
@@ -313,36 +382,25 @@ class Trainer:
         dev = self.device
         z0 = (tgt.mean + tgt.std * posterior_tgt.to(dev)) * sf
         z_ref = (ref.mean + ref.std * posterior_ref.to(dev)) * sf
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(dev)
-        noise = noise.to(dev)
-        return {"x_t": a.sqrt() * z0 + (1 - a).sqrt() * noise, "t": t.to(dev), "noise": noise,
-                "z_ref": z_ref, "tokens": ref.tokens}
+        return {"latents": z0, "t": t.to(dev), "noise": noise.to(dev), "z_ref": z_ref, "tokens": ref.tokens}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pipe, b = self.pipe, batch["x_t"].shape[0]
-        with self._autocast():
-            s_star = pipe.promptnet(batch["z_ref"], batch["t"], batch["tokens"], batch["x_t"])
-            cond = textenc.encode_with_placeholder(
-                pipe.text_encoder, self.prompt_embeds.expand(b, -1, -1), self.placeholder_mask.expand(b, -1),
-                s_star, 1.0, pipe.text_skip_layers,
-            )
-            pred = pipe.unet(batch["x_t"], batch["t"], encoder_hidden_states=cond).sample
-        return F.mse_loss(pred.float(), batch["noise"].float())
+        """:func:`diffusion_loss` of a batch from :meth:`draw_batch`."""
+        return diffusion_loss(self.pipe, batch["latents"], batch["z_ref"], batch["tokens"], batch["noise"],
+                              batch["t"], self.prompt_embeds, self.placeholder_index, self._autocast)
 
     def train_step(self) -> float:
         loss = self.loss(self.draw_batch())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        params = list(self.params.values())
         if self.config.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.clip_params, self.config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         if self.ema is not None:
-            k = self.step - 1  # EMA updates before this one
-            decay = min(self.config.ema_decay, (1 + k) / (10 + k))
+            decay = ema_decay_at(self.step, self.config.ema_decay)  # this is update number self.step
             with torch.no_grad():
                 for k, p in self.params.items():
                     self.ema[k].lerp_(p.detach(), 1.0 - decay)

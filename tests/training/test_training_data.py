@@ -13,7 +13,12 @@ from profusion_rt.training.augment import (
     AugmentParams,
     affine_augment,
     augment_image,
+    blanked_augmentation,
     customization_images,
+    face_box_mask,
+    fill_augmentation,
+    notebook_resize_crop,
+    sample_params,
 )
 from profusion_rt.training.data import PairSampler, SubjectImageDataset, list_images
 from profusion_rt.training.errors import DatasetError
@@ -66,39 +71,70 @@ def test_pair_sampler_epochs_references_and_resume():
     assert [again.next(2, g) for _ in range(3)] == expected
 
 
-def test_affine_augment_fill_and_mask():
-    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
-    identity = AugmentParams(flip=False, degrees=0.0, translate=(0.0, 0.0), scale=1.0)
-    same, mask = affine_augment(image, identity)
-    assert torch.allclose(same, image, atol=1e-5) and not mask.any()
-    flipped, _ = affine_augment(image, AugmentParams(True, 0.0, (0.0, 0.0), 1.0))
-    assert torch.allclose(flipped, image.flip(-1), atol=1e-5)
-    moved = AugmentParams(flip=False, degrees=0.0, translate=(0.25, 0.0), scale=1.0)  # 16 px to the right
-    out, mask = affine_augment(image, moved, fill="mean")
-    assert mask[0, :, :16].all() and not mask[0, :, 17:].any()
-    assert torch.allclose(out[:, :, 20:], image[:, :, 4:48], atol=1e-5)
-    assert torch.allclose(out[:, 10, 3], image.mean(dim=(1, 2)), atol=1e-5)  # uncovered: mean colour
-    border, _ = affine_augment(image, moved, fill="border")
-    assert torch.allclose(border[:, :, 3], image[:, :, 0], atol=1e-5)  # uncovered: nearest edge pixel
+def test_affine_is_torchvisions_nearest_affine():
+    """Checked against the transform's definition (torchvision ``affine`` on a tensor, NEAREST, fill 0):
+    identity, flip, whole-pixel translation, a 90 degree counter-clockwise rotation, a 0.5 scale about the
+    centre."""
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) + 0.1
+    assert torch.equal(affine_augment(image, AugmentParams(False, 0.0, (0, 0), 1.0)), image)
+    assert torch.equal(affine_augment(image, AugmentParams(True, 0.0, (0, 0), 1.0)), image.flip(-1))
+    moved = affine_augment(image, AugmentParams(False, 0.0, (16, -8), 1.0))  # 16 px right, 8 px up
+    assert torch.equal(moved[:, :56, 16:], image[:, 8:, :48])
+    assert not moved[:, :, :16].any() and not moved[:, 56:, :].any()  # fill 0
+    rotated = affine_augment(image, AugmentParams(False, 90.0, (0, 0), 1.0))
+    assert torch.equal(rotated, torch.rot90(image, 1, dims=(1, 2)))  # counter-clockwise, as torchvision
+    half = affine_augment(image, AugmentParams(False, 0.0, (0, 0), 0.5))
+    assert not half[:, :16].any() and not half[:, :, 48:].any() and half[:, 16:48, 16:48].all()  # centred
+
+
+def test_sample_params_are_the_notebooks_ranges():
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_params(g, 512) for _ in range(400)]
+    assert all(-10 <= d.degrees <= 10 and 0.6 <= d.scale <= 1.0 for d in draws)
+    assert all(isinstance(v, int) and abs(v) <= 102 for d in draws for v in d.translate)  # 0.2 * 512 = 102.4
+    assert max(abs(d.translate[0]) for d in draws) > 90 and 0.3 < sum(d.flip for d in draws) / 400 < 0.7
+
+
+def test_face_box_and_blank_mask():
+    box = face_box_mask(512)
+    assert box[0, 30:460, 100:400].all() and box.sum() == 430 * 300
+    small = face_box_mask(256)
+    assert small[0, 15:230, 50:200].all() and small.sum() == 215 * 150
+    image = torch.zeros(3, 256, 256)  # black pixels are not blank: the notebook offsets by 1e-5 first
+    moved, blank = blanked_augmentation(image, AugmentParams(False, 0.0, (0, 0), 1.0))
+    assert torch.equal(blank, 1 - small)
+    moved, blank = blanked_augmentation(image, AugmentParams(False, 0.0, (20, 0), 1.0))
+    assert blank[0, 15:230, 70:220].sum() == 0 and blank[0, 15:230, 50:70].all()
+
+
+def test_fallback_fills_every_pixel_and_inpainter_gets_the_blank_area():
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1)) + 0.05
+    params = AugmentParams(flip=False, degrees=10.0, translate=(6, -6), scale=0.7)
+    border = fill_augmentation(image, params, "border")
+    assert (border > 0.04).all()  # no blank pixel left
+    mean = fill_augmentation(image, params, "mean")
+    _, blank = blanked_augmentation(image, params, box=None)
+    assert torch.allclose(mean[:, blank[0].bool()], image.mean(dim=(1, 2))[:, None].expand(3, int(blank.sum())))
     with pytest.raises(InvalidParameterError):
-        affine_augment(image, moved, fill="zeros")
+        fill_augmentation(image, params, "zeros")
 
-
-def test_inpainter_fills_only_uncovered_pixels():
-    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
-    params = AugmentParams(flip=False, degrees=10.0, translate=(0.1, -0.1), scale=0.7)
     calls = []
 
     def paint_red(img, mask):
-        calls.append((img.size, mask.mode, np.asarray(mask).max()))
-        return Image.new("RGB", img.size, (255, 0, 0))
+        calls.append((img.size, mask.mode, np.asarray(mask)))
+        return Image.new("RGB", (32, 32), (255, 0, 0))  # another size: resized to the input's
 
     out = augment_image(image, params, inpainter=paint_red)
-    plain, mask = affine_augment(image, params)
-    assert calls == [((32, 32), "L", 255)]
-    m = mask[0].bool()
-    assert torch.equal(out[:, ~m], plain[:, ~m])
-    assert torch.equal(out[0, m], torch.ones(int(m.sum()))) and not out[1:, m].any()
+    expected = blanked_augmentation(image, params)[1][0].numpy() * 255
+    assert len(calls) == 1 and calls[0][:2] == ((64, 64), "L") and np.array_equal(calls[0][2], expected)
+    assert out.shape == (3, 64, 64) and torch.equal(out[0], torch.ones(64, 64)) and not out[1:].any()
+
+
+def test_notebook_resize_crop():
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 300, 3), dtype=np.uint8))
+    out = notebook_resize_crop(wide, 50)
+    expected = wide.resize((150, 50), Image.Resampling.BILINEAR).crop((50, 0, 100, 50))
+    assert out.size == (50, 50) and np.array_equal(np.asarray(out), np.asarray(expected))
 
 
 def test_customization_images_seeded():
