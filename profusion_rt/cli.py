@@ -32,14 +32,16 @@ def _dtype(name: str):
 
 
 def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu", dtype: str = "fp32", seed: int = 0):
-    """``model`` is a preset name or a model folder."""
+    """``model`` is a model folder, a preset name or a Hugging Face hub id ``org/name`` (a local folder wins;
+    the hub honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN); ``promptnet`` a folder or hub id."""
+    from .models.hub import looks_like_hub_id
     from .pipeline import ProFusionPipeline
     from .presets import preset_names
 
-    if Path(model).is_dir():
+    if Path(model).is_dir() or (model not in preset_names() and looks_like_hub_id(model)):
         return ProFusionPipeline.from_pretrained(model, promptnet_path=promptnet, device=device, dtype=_dtype(dtype))
     if promptnet is not None:
-        raise ProFusionError("--promptnet needs --model to be a model folder")
+        raise ProFusionError("--promptnet needs --model to be a model folder or hub id")
     if model in preset_names() or "/" not in model:
         return ProFusionPipeline.from_preset(model, seed=seed, device=device, dtype=_dtype(dtype))
     from .errors import ModelLoadError
@@ -48,8 +50,10 @@ def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu",
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset name (tiny, sd2-base, sd2-768) or model folder")
-    p.add_argument("--promptnet", default=None, help="separate PromptNet folder (with a plain SD2 --model)")
+    p.add_argument("--model", default="tiny",
+                   help="preset name (tiny, sd2-base, sd2-768), model folder or Hugging Face hub id (org/name)")
+    p.add_argument("--promptnet", default=None,
+                   help="separate PromptNet folder or hub id (with a plain SD2 --model)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the model's weights")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of a preset")
@@ -201,6 +205,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Rewrite a model (the released ProFusion layout, SD2 + PromptNet, a hub id) in our safetensors layout,
+    atomically, verified by reloading it and comparing every tensor."""
+    from .models.loading import convert_model
+
+    report = convert_model(args.model, args.out, promptnet_path=args.promptnet, overwrite=args.overwrite)
+    for line in report["dropped"]:
+        print(f"dropped {line}")
+    print(f"wrote {report['path']}: {report['tensors']} tensors in safetensors, verified (reloaded, every tensor "
+          "equal to the source)")
+    return 0
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job on the embedded tiny preset."""
     from .demo import run_demo
@@ -262,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--fusion-steps", type=int, default=1)
+
+    p = sub.add_parser("convert", help="rewrite a model folder (e.g. the released ProFusion layout) in our "
+                       "safetensors layout, verified by reloading")
+    p.add_argument("--model", required=True, help="model folder or Hugging Face hub id (org/name)")
+    p.add_argument("--promptnet", default=None, help="separate PromptNet folder or hub id (with a plain SD2 --model)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     p = sub.add_parser("demo", help="end-to-end demo on the tiny preset")
     p.add_argument("--out", default="outputs/demo", help="output folder")

@@ -406,12 +406,17 @@ class ProFusionPipeline(RequestPreparation):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, promptnet_path: str | Path | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "ProFusionPipeline":
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None) -> "ProFusionPipeline":
         """Load a model folder: the released ProFusion layout (``openclip`` CLIPModel), our own layout, or a
-        plain SD2 folder with the PromptNet (and image encoder) in ``promptnet_path``."""
+        plain SD2 folder with the PromptNet (and image encoder) in ``promptnet_path``. ``path`` and
+        ``promptnet_path`` may be Hugging Face hub ids (``org/name``; a local folder of that name wins):
+        ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to ``huggingface_hub``."""
         from .models.loading import load_components
 
-        components, meta = load_components(Path(path), None if promptnet_path is None else Path(promptnet_path))
+        components, meta = load_components(path, promptnet_path, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token)
         return cls.from_components(components, resolution=meta.get("resolution"), preset=meta.get("preset")).to(
             device, dtype
         )

@@ -71,9 +71,17 @@ def build_promptnet(cfg: dict[str, Any]) -> nn.Module:
 
 
 def build_scheduler(cfg: dict[str, Any]) -> Any:
+    """DDIM from any SD scheduler config (the release ships SD2-base's PNDM config; its sampler is DDIM):
+    keys DDIM does not take (``skip_prk_steps``, ...) are left out instead of logged as a warning."""
+    import inspect
+
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    accepted = set(inspect.signature(DDIMScheduler.__init__).parameters) - {"self"}
+    ignored = sorted(k for k in cfg if not k.startswith("_") and k not in accepted)
+    if ignored:
+        logger.debug("scheduler config keys DDIM does not take: %s", ", ".join(ignored))
+    return DDIMScheduler.from_config({k: v for k, v in cfg.items() if k in accepted})
 
 
 def _break_constant_parameters(nets: dict[str, nn.Module], seed: int) -> None:

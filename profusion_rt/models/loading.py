@@ -16,37 +16,82 @@ Accepted layouts (``from_pretrained``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import ModelLoadError, OutputPathError
 from .factory import Components, build_scheduler
-from .promptnet import PromptNet, PromptNetConfig, drop_unused_keys
+from .hub import WEIGHT_STEMS, resolve_model_path
+from .promptnet import PromptNet, PromptNetConfig
 
 logger = logging.getLogger(__name__)
 
 FORMAT_KEY = "profusion_rt"
-WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
-                "diffusion_pytorch_model.bin")
+WEIGHT_NAMES = tuple(f"{stem}{ext}" for ext, stems in WEIGHT_STEMS.items() for stem in stems)
 
 
-def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a torch pickle read with ``weights_only=True``; typed error on a bad file."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def read_state_dict(file: Path, component: str | None = None) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch pickle read with ``weights_only=True`` (memory-mapped when the file allows);
+    typed error on a bad file."""
+    where = f"component {component!r}: " if component else ""
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format: no mmap
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad file
-        raise ModelLoadError(f"cannot read weights {file}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise ModelLoadError(f"{where}cannot read weights {file}: {_first_line(exc)}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{where}{file} does not hold a state dict of tensors")
+    return state
+
+
+def weight_files(folder: Path, component: str) -> list[Path]:
+    """The weight files of a component folder: one file or an index's shards, safetensors before ``.bin``
+    (the order of :data:`WEIGHT_NAMES`)."""
+    for ext, stems in WEIGHT_STEMS.items():
+        for stem in stems:
+            single = folder / f"{stem}{ext}"
+            if single.is_file():
+                return [single]
+            index = folder / f"{stem}{ext}.index.json"
+            if index.is_file():
+                weight_map = _read_json(index, component).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise ModelLoadError(f"component {component!r}: {index} has no weight_map")
+                shards = [folder / name for name in sorted(set(weight_map.values()))]
+                missing = [s.name for s in shards if not s.is_file()]
+                if missing:
+                    raise ModelLoadError(f"component {component!r}: {index} names shard {missing[0]}, which is "
+                                         f"missing from {folder}")
+                return shards
+    raise ModelLoadError(f"component {component!r}: {folder} holds no weights file (expected one of "
+                         f"{', '.join(WEIGHT_NAMES)} or a sharded index)")
+
+
+def _read_weights(folder: Path, component: str) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    files = weight_files(folder, component)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(read_state_dict(file, component))
+    return state, files
 
 
 def _find(dirs: list[Path], name: str) -> Path | None:
@@ -56,65 +101,216 @@ def _find(dirs: list[Path], name: str) -> Path | None:
     return None
 
 
-def _weights_file(folder: Path) -> Path:
-    for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise ModelLoadError(f"{folder} holds no weights file (expected one of {', '.join(WEIGHT_NAMES)})")
-
-
-def _read_json(file: Path) -> dict[str, Any]:
+def _read_json(file: Path, component: str | None = None) -> dict[str, Any]:
+    where = f"component {component!r}: " if component else ""
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"missing {file}") from None
+        raise ModelLoadError(f"{where}missing {file}") from None
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+        raise ModelLoadError(f"{where}cannot read {file}: {_first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{where}{file} does not hold a JSON object")
+    return data
 
 
-def _library_load(component: str, loader, folder: Path):
-    _weights_file(folder)
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def check_state_dict(component: str, where: Path | str, state: dict[str, torch.Tensor],
+                     expected: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`ModelLoadError` naming the first tensor that is missing, unexpected or of another shape
+    than the config's network expects."""
+    for key, ref in expected.items():
+        if key in state and _shape(state[key]) != _shape(ref):
+            raise ModelLoadError(
+                f"component {component!r}: tensor {key} has shape {list(_shape(state[key]))} in {where}, but the "
+                f"config builds {list(_shape(ref))}")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"component {component!r}: tensor {missing[0]} is missing from {where}{more}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ModelLoadError(f"component {component!r}: {where} holds tensor {unexpected[0]}, which the config "
+                             f"does not build{more}")
+
+
+def _rename_legacy_attention(state: dict[str, torch.Tensor], expected: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """diffusers <= 0.15 named the VAE's attention ``query``/``key``/``value``/``proj_attn``; now
+    ``to_q``/``to_k``/``to_v``/``to_out.0``."""
+    renames = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+    out = {}
+    for key, value in state.items():
+        if key not in expected:
+            parts = key.split(".")
+            if len(parts) >= 2 and parts[-2] in renames:
+                new = ".".join(parts[:-2] + [renames[parts[-2]], parts[-1]])
+                if new in expected and new not in state:
+                    key = new
+        out[key] = value
+    return out
+
+
+def _realign(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every tensor that is not 64-byte aligned its own aligned memory. safetensors hands out views of
+    the memory-mapped file at the file's (8-byte aligned) offsets; oneDNN's convolutions then take other code
+    paths and round differently than on the same weights in aligned memory, so a model would not sample
+    bit-identically to its ``.bin`` twin or to the model it was saved from."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.device.type == "cpu" and param.data_ptr() % 64:
+                    param.data = param.data.clone()
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device.type == "cpu" and buf.data_ptr() % 64:
+                    module._buffers[name] = buf.clone()
+    return model
+
+
+def _finish(model: torch.nn.Module, component: str) -> torch.nn.Module:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # a non-persistent buffer that the meta-device build cannot fill
+        raise ModelLoadError(f"component {component!r}: {left[0]} was not loaded")
+    return _realign(model.eval().requires_grad_(False).float())
+
+
+def load_diffusers_model(component: str, cls: type, folder: Path) -> torch.nn.Module:
+    """A diffusers model (``UNet2DConditionModel``, ``AutoencoderKL``) from ``config.json`` and its weights,
+    built on the meta device and filled strictly from the state dict."""
+    config = _read_json(folder / "config.json", component)
+    state, files = _read_weights(folder, component)
     try:
-        model = loader(str(folder), local_files_only=True)
-    except ModelLoadError:
-        raise
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - a config the library rejects
+        raise ModelLoadError(f"component {component!r}: {folder / 'config.json'} does not describe a "
+                             f"{cls.__name__}: {_first_line(exc)}") from exc
+    expected = model.state_dict()
+    state = _rename_legacy_attention(state, expected)
+    check_state_dict(component, files[0] if len(files) == 1 else folder, state, expected)
+    model.load_state_dict(state, strict=True, assign=True)
+    return _finish(model, component)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs a WARNING "load report" table before our one-line error would say the same."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_transformers_model(component: str, cls: type, folder: Path) -> torch.nn.Module:
+    """A transformers CLIP model through its ``from_pretrained`` (its key conversions vary by version), with
+    the weights file chosen here and every missing, unexpected or mis-shaped tensor turned into a
+    :class:`ModelLoadError`."""
+    _read_json(folder / "config.json", component)
+    files = weight_files(folder, component)
+    use_safetensors = files[0].suffix == ".safetensors" or files[0].name.endswith(".safetensors.index.json")
+    for file in files:
+        if file.suffix == ".bin":
+            read_state_dict(file, component)  # weights_only check first; a bad file gets our message
+    try:
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=use_safetensors,
+                                              output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # noqa: BLE001 - library errors become one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load component {component!r} from {folder}: {first}") from exc
+        raise ModelLoadError(f"cannot load component {component!r} from {folder}: {_first_line(exc)}") from exc
+    where = files[0] if len(files) == 1 else folder
+    for key, *shapes in sorted(info.get("mismatched_keys") or [], key=str):
+        detail = f"shape {list(shapes[0])} in {where}, but the config builds {list(shapes[1])}" \
+            if len(shapes) == 2 else f"another shape in {where} than the config builds"
+        raise ModelLoadError(f"component {component!r}: tensor {key} has {detail}")
+    missing = sorted(k for k in info.get("missing_keys") or [] if "position_ids" not in k)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"component {component!r}: tensor {missing[0]} is missing from {where}{more}")
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if "position_ids" not in k)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ModelLoadError(f"component {component!r}: {where} holds tensor {unexpected[0]}, which the config "
+                             f"does not build{more}")
+    if info.get("error_msgs"):
+        raise ModelLoadError(f"component {component!r}: {str(info['error_msgs'][0]).strip().splitlines()[0]}")
+    return _realign(model.eval().requires_grad_(False).float())
+
+
+def load_promptnet(folder: Path, dropped: list[str] | None = None) -> PromptNet:
+    """PromptNet from ``config.json`` (official or ours, :meth:`PromptNetConfig.from_dict`) and its weights; the
+    vision width comes from ``vision_embedding.weight``. The release's unused ``residual*`` heads are dropped
+    (described in ``dropped`` when a list is given)."""
+    raw = _read_json(folder / "config.json", "promptnet")
+    state, files = _read_weights(folder, "promptnet")
+    residual = [k for k in state if "residual" in k]
+    if residual and dropped is not None:
+        n = sum(state[k].numel() for k in residual)
+        dropped.append(f"promptnet: {len(residual)} residual-head tensors ({n / 1e6:.2f}M parameters; the "
+                       "ControlNet-style heads ProFusion's sampler never uses)")
+    state = {k: v for k, v in state.items() if k not in residual}
+    vision = state.get("vision_embedding.weight")
+    try:
+        config = PromptNetConfig.from_dict(raw, vision_width=None if vision is None or vision.dim() != 2
+                                           else int(vision.shape[1]))
+        config.with_residual_heads = False
+        with torch.device("meta"):
+            net = PromptNet(config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"component 'promptnet': {folder / 'config.json'}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a config the network cannot be built from
+        raise ModelLoadError(f"component 'promptnet': {folder / 'config.json'} does not describe a PromptNet: "
+                             f"{_first_line(exc)}") from exc
+    check_state_dict("promptnet", files[0] if len(files) == 1 else folder, state, net.state_dict())
+    net.load_state_dict(state, strict=True, assign=True)
+    return _finish(net, "promptnet")
+
+
+def _as_tower(clip: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """The text or vision tower of a ``CLIPModel`` as a standalone ``CLIPTextModel`` / ``CLIPVisionModel``
+    (transformers 5 holds them so; 4.x holds bare transformers, which are wrapped here)."""
+    from transformers import CLIPTextModel, CLIPVisionModel
+
+    cls, tower = (CLIPTextModel, clip.text_model) if kind == "text" else (CLIPVisionModel, clip.vision_model)
+    if isinstance(tower, cls):
+        return tower
+    config = clip.config.text_config if kind == "text" else clip.config.vision_config
+    model = cls(config)
+    inner = model.text_model if kind == "text" else model.vision_model
+    inner.load_state_dict(tower.state_dict())
     return model.eval().requires_grad_(False).float()
 
 
-def load_promptnet(folder: Path) -> PromptNet:
-    config = PromptNetConfig.from_dict(_read_json(folder / "config.json"))
-    config.with_residual_heads = False
-    state = drop_unused_keys(read_state_dict(_weights_file(folder)))
-    net = PromptNet(config)
-    result = net.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
-            f"PromptNet weights in {folder} do not match its config: "
-            f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:2]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})"
-        )
-    return net.eval().requires_grad_(False).float()
+def load_components(path: str | Path, promptnet_path: str | Path | None = None, *, revision: str | None = None,
+                    cache_dir: str | Path | None = None, local_files_only: bool = False,
+                    token: str | bool | None = None) -> tuple[Components, dict[str, Any]]:
+    """Load every component; a missing one is named in a :class:`ModelLoadError`. ``path`` and
+    ``promptnet_path`` are local folders or hub ids (:func:`~profusion_rt.models.hub.resolve_model_path`).
 
-
-def load_components(path: Path, promptnet_path: Path | None = None) -> tuple[Components, dict[str, Any]]:
-    """Load every component; a missing one is named in a :class:`ModelLoadError`."""
+    The returned metadata holds our layout's ``profusion_rt`` entry of ``model_index.json`` and ``dropped``:
+    one line per part of the source that the loaded pipeline does not keep."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 
     from .tokenizer import load_tokenizer
 
-    if not path.is_dir():
-        raise ModelLoadError(f"model folder {path} does not exist or is not a folder")
+    hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    path = resolve_model_path(path, revision=revision, what="model", **hub)
     dirs = [path]
     if promptnet_path is not None:
-        if not promptnet_path.is_dir():
-            raise ModelLoadError(f"PromptNet folder {promptnet_path} does not exist or is not a folder")
-        dirs.append(promptnet_path)
+        dirs.append(resolve_model_path(promptnet_path, what="PromptNet", **hub))
     index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     meta = dict(index.get(FORMAT_KEY, {}))
+    dropped: list[str] = []
     searched = ", ".join(str(d) for d in dirs)
 
     def need(name: str) -> Path:
@@ -123,39 +319,58 @@ def load_components(path: Path, promptnet_path: Path | None = None) -> tuple[Com
             raise ModelLoadError(f"model folder is missing the {name!r} component (looked in {searched})")
         return found
 
-    unet = _library_load("unet", UNet2DConditionModel.from_pretrained, need("unet"))
-    vae = _library_load("vae", AutoencoderKL.from_pretrained, need("vae"))
+    unet = load_diffusers_model("unet", UNet2DConditionModel, need("unet"))
+    vae = load_diffusers_model("vae", AutoencoderKL, need("vae"))
 
     pn_dir = _find(dirs, "promptnet")
-    if pn_dir is None and promptnet_path is not None and (promptnet_path / "config.json").is_file():
-        pn_dir = promptnet_path
+    if pn_dir is None and len(dirs) > 1 and (dirs[1] / "config.json").is_file():
+        pn_dir = dirs[1]
     if pn_dir is None:
         raise ModelLoadError(f"model folder is missing the 'promptnet' component (looked in {searched})")
-    promptnet = load_promptnet(pn_dir)
+    promptnet = load_promptnet(pn_dir, dropped)
 
     openclip = _find(dirs, "openclip")
     text_dir, image_dir = _find(dirs, "text_encoder"), _find(dirs, "image_encoder")
     if openclip is not None and (text_dir is None or image_dir is None):
-        clip = _library_load("openclip", CLIPModel.from_pretrained, openclip)
-        text_encoder = clip.text_model if text_dir is None else None
-        image_encoder = clip.vision_model if image_dir is None else None
+        clip = load_transformers_model("openclip", CLIPModel, openclip)
+        text_encoder = _as_tower(clip, "text") if text_dir is None else None
+        image_encoder = _as_tower(clip, "vision") if image_dir is None else None
+        heads = [k for k in clip.state_dict() if not k.startswith(("text_model.", "vision_model."))]
+        if heads:
+            dropped.append(f"openclip: {', '.join(sorted(heads))} (CLIP's contrastive projection heads; "
+                           "sampling reads the towers only)")
         skip_default = 1 if text_dir is None else 0  # openclip tower: hidden_states[-2]; SD2 text_encoder: last
     else:
         text_encoder = image_encoder = None
         skip_default = 0  # a diffusers SD2 text_encoder already stops at the penultimate layer
     if text_encoder is None:
-        text_encoder = _library_load("text_encoder", CLIPTextModel.from_pretrained, need("text_encoder"))
+        text_encoder = load_transformers_model("text_encoder", CLIPTextModel, need("text_encoder"))
     if image_encoder is None:
         if image_dir is None:
             raise ModelLoadError(
                 f"model folder is missing the 'image_encoder' component (no 'openclip' or 'image_encoder' in {searched})"
             )
-        image_encoder = _library_load("image_encoder", CLIPVisionModel.from_pretrained, image_dir)
+        image_encoder = load_transformers_model("image_encoder", CLIPVisionModel, image_dir)
+    width = int(image_encoder.config.hidden_size)
+    if promptnet.config.vision_width != width:
+        raise ModelLoadError(
+            f"component 'promptnet': vision_embedding.weight takes {promptnet.config.vision_width}-wide image "
+            f"tokens, but the image encoder ({'openclip' if image_dir is None else 'image_encoder'}) is {width} wide")
+    for name in ("feature_extractor", "safety_checker"):
+        if _find(dirs, name) is not None:
+            dropped.append(f"{name}: not used by ProFusion")
 
     tokenizer = load_tokenizer(need("tokenizer"))
     sched_dir = need("scheduler")
-    scheduler = build_scheduler(_read_json(sched_dir / "scheduler_config.json"))
+    sched_cfg = _read_json(sched_dir / "scheduler_config.json", "scheduler")
+    try:
+        scheduler = build_scheduler(sched_cfg)  # always DDIM, from whatever scheduler config (the release: PNDM)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"component 'scheduler': cannot build DDIM from {sched_dir / 'scheduler_config.json'}: "
+                             f"{_first_line(exc)}") from exc
     meta.setdefault("text_skip_layers", skip_default)
+    meta["dropped"] = dropped
+    meta["source"] = [str(d) for d in dirs]
     components = Components(unet, vae, text_encoder, image_encoder, promptnet, scheduler, tokenizer,
                             int(meta["text_skip_layers"]))
     logger.info("loaded model from %s", searched)
@@ -221,3 +436,65 @@ def save_components(pipe, path: Path, overwrite: bool = False) -> Path:
             raise OutputPathError(f"cannot write model to {path}: {exc}") from exc
         raise
     return path
+
+
+def convert_model(model: str | Path, out: str | Path, promptnet_path: str | Path | None = None,
+                  overwrite: bool = False, **hub: Any) -> dict[str, Any]:
+    """Load ``model`` (any accepted layout or hub id) and write it in our safetensors layout at ``out``,
+    atomically: the result is written and verified (reloaded, every tensor and the scheduler, tokenizer and
+    text settings equal to the loaded source) in a temporary sibling folder, which only then takes ``out``'s
+    place. Returns ``{"path", "tensors", "dropped"}`` (``dropped``: what the source holds that our layout
+    does not keep, e.g. the release's unused residual heads)."""
+    from ..pipeline import ProFusionPipeline
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputPathError(f"{out} is not empty (pass --overwrite / overwrite=True to replace it)")
+    components, meta = load_components(model, promptnet_path, **hub)
+    pipe = ProFusionPipeline.from_components(components, resolution=meta.get("resolution"), preset=meta.get("preset"))
+    tmp = out.parent / f".{out.name}.convert-{uuid.uuid4().hex[:8]}"
+    try:
+        save_components(pipe, tmp)
+        reloaded, reloaded_meta = load_components(tmp)
+        tensors = _verify_same(components, reloaded)
+        if reloaded_meta.get("resolution") != pipe.resolution:
+            raise ModelLoadError(f"conversion check failed: resolution {reloaded_meta.get('resolution')} after "
+                                 f"reload, {pipe.resolution} before")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, (ModelLoadError, OutputPathError)):
+            raise OutputPathError(f"cannot write model to {out}: {exc}") from exc
+        raise
+    return {"path": out, "tensors": tensors, "dropped": list(meta.get("dropped", []))}
+
+
+def _verify_same(a: Components, b: Components) -> int:
+    """Every tensor of every network, the scheduler config, the tokenizer and ``text_skip_layers`` equal;
+    the number of tensors compared. :class:`ModelLoadError` on the first difference."""
+    n = 0
+    for name, net in a.networks().items():
+        sa, sb = net.state_dict(), b.networks()[name].state_dict()
+        if set(sa) != set(sb):
+            key = sorted(set(sa) ^ set(sb))[0]
+            raise ModelLoadError(f"conversion check failed: component {name!r} tensor {key} is not in both")
+        for key, value in sa.items():
+            if value.shape != sb[key].shape or not torch.equal(value, sb[key]):
+                raise ModelLoadError(f"conversion check failed: component {name!r} tensor {key} differs after reload")
+            n += 1
+    public = lambda cfg: {k: v for k, v in dict(cfg).items() if not k.startswith("_")}  # noqa: E731
+    if public(a.scheduler.config) != public(b.scheduler.config):
+        raise ModelLoadError("conversion check failed: the scheduler config differs after reload")
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab() or a.tokenizer.pad_token_id != b.tokenizer.pad_token_id:
+        raise ModelLoadError("conversion check failed: the tokenizer differs after reload")
+    if a.text_skip_layers != b.text_skip_layers:
+        raise ModelLoadError("conversion check failed: text_skip_layers differs after reload")
+    return n

@@ -9,6 +9,20 @@ UNet's encoder half built from diffusers' own blocks, plus a token head:
     down blocks, mid block (cross-attending to the context)
     head: strided convs after conv_in, after each down block and after the mid block -> concat -> conv
     S* = (B, N, prompt_channel), N = 1 for the configured latent size.
+
+Two ``config.json`` dialects are read (:meth:`PromptNetConfig.from_dict` tells them apart):
+
+* **official** (``PromptNetModel`` of the ProFusion fork, what its ``train.py`` saves): ``region_kernel_size``
+  is the kernel (= stride) of the FINAL conv ``region_prompt_output``; the head convs' kernels are not
+  configurable: they start at ``max(2 ** (len(down_block_types) - 1), 8)`` for ``first_prompt_projection``
+  and halve after each non-final down block (``down_prompt_projections.i``; ``mid_prompt_projection`` takes
+  the last value). Missing keys take the official class's defaults. The official class hard-codes a
+  1280-wide vision input; here the width comes from the weights (``vision_embedding.weight``).
+* **ours** (what :meth:`PromptNet.save_config` writes, recognised by its ``region_output_kernel_size`` key):
+  ``region_kernel_size`` is the FIRST head conv's kernel and ``region_output_kernel_size`` the final one's
+  (``None``: equal to ``region_kernel_size``), ``vision_width`` is stored.
+
+Both are held in :class:`PromptNetConfig` in our terms.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ _DOWN_TYPES = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlo
 class PromptNetConfig:
     """The configuration keys PromptNet uses; the released ``config.json`` carries more, which are ignored."""
 
-    sample_size: int = 64
+    sample_size: int | None = 64
     in_channels: int = 4
     block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
     down_block_types: Sequence[str] = _DOWN_TYPES
@@ -61,18 +75,87 @@ class PromptNetConfig:
     with_residual_heads: bool = False
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "PromptNetConfig":
+    def from_dict(cls, cfg: dict[str, Any], vision_width: int | None = None) -> "PromptNetConfig":
+        """Our config (it has a ``region_output_kernel_size`` key) or the official one (it has not: read by
+        :meth:`from_official`). ``vision_width`` (from the weights) overrides the stored or default width."""
+        if is_official_config(cfg):
+            return cls.from_official(cfg, vision_width=vision_width)
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in known}
-        # The released config names the vision width implicitly (1280) and stores
-        # ``use_clip_vision_embeds``; it is always true in use.
-        out = cls(**kwargs)
-        out.block_out_channels = tuple(out.block_out_channels)
-        out.down_block_types = tuple(out.down_block_types)
-        if isinstance(out.attention_head_dim, int):
-            out.attention_head_dim = (out.attention_head_dim,) * len(out.block_out_channels)
-        out.attention_head_dim = tuple(out.attention_head_dim)
-        return out
+        if vision_width is not None:
+            kwargs["vision_width"] = int(vision_width)
+        return cls(**kwargs)._normalised()
+
+    @classmethod
+    def from_official(cls, cfg: dict[str, Any], vision_width: int | None = None) -> "PromptNetConfig":
+        """Read a ``config.json`` as the official ``PromptNetModel.__init__`` reads it (see the module doc).
+
+        Options the official class supports but ProFusion never uses (other mid blocks, class embeddings,
+        Fourier time embedding, ...) raise :class:`~profusion_rt.errors.ModelLoadError` naming the key."""
+        from ..errors import ModelLoadError
+
+        c = {**OFFICIAL_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+        problems = [f"{key}={c[key]!r}" for key, ok in _OFFICIAL_FIXED.items() if c[key] != ok]
+        only_cross = c["only_cross_attention"]
+        if (any(only_cross) if isinstance(only_cross, (list, tuple)) else bool(only_cross)):
+            problems.append(f"only_cross_attention={only_cross!r}")
+        bad_blocks = [b for b in c["down_block_types"] if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
+        if bad_blocks:
+            problems.append(f"down_block_types={list(c['down_block_types'])!r}")
+        if problems:
+            raise ModelLoadError("official PromptNet options that ProFusion does not use and profusion-rt does not "
+                                 "implement: " + ", ".join(problems))
+        n = len(c["down_block_types"])
+        if len(c["block_out_channels"]) != n:
+            raise ModelLoadError(f"{len(c['block_out_channels'])} block_out_channels for {n} down_block_types")
+        out = cls(
+            sample_size=c["sample_size"],
+            in_channels=int(c["in_channels"]),
+            block_out_channels=c["block_out_channels"],
+            down_block_types=c["down_block_types"],
+            layers_per_block=int(c["layers_per_block"]),
+            attention_head_dim=c["attention_head_dim"],
+            cross_attention_dim=int(c["cross_attention_dim"]),
+            prompt_channel=int(c["prompt_channel"]),
+            # the official class: Linear(1280 if use_clip_vision_embeds else 1024, ...); the weights say better
+            vision_width=int(vision_width if vision_width is not None else 1280),
+            region_kernel_size=official_head_kernel(n),
+            region_output_kernel_size=int(c["region_kernel_size"]),
+            region_proj_channel=int(c["region_proj_channel"]),
+            norm_num_groups=int(c["norm_num_groups"]),
+            norm_eps=float(c["norm_eps"]),
+            act_fn=str(c["act_fn"]),
+            flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
+            freq_shift=int(c["freq_shift"]),
+            downsample_padding=int(c["downsample_padding"]),
+            mid_block_scale_factor=float(c["mid_block_scale_factor"]),
+            use_linear_projection=bool(c["use_linear_projection"]),
+            upcast_attention=bool(c["upcast_attention"]),
+            # not an argument of the official class, but inherited from the UNet config and read by its forward
+            center_input_sample=bool(c.get("center_input_sample", False)),
+        )
+        return out._normalised()
+
+    def _normalised(self) -> "PromptNetConfig":
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        self.down_block_types = tuple(self.down_block_types)
+        if isinstance(self.attention_head_dim, int):
+            self.attention_head_dim = (self.attention_head_dim,) * len(self.block_out_channels)
+        self.attention_head_dim = tuple(int(h) for h in self.attention_head_dim)
+        return self
+
+    def head_kernels(self) -> tuple[int, ...]:
+        """Kernels (= strides) of the token head: ``first_prompt_projection``, ``down_prompt_projections.*``,
+        ``mid_prompt_projection``, ``region_prompt_output``."""
+        k = self.region_kernel_size
+        kernels = [k]
+        for i in range(len(self.block_out_channels)):
+            if i < len(self.block_out_channels) - 1:  # halve after each non-final (downsampling) block
+                k = max(k // 2, 1)
+            kernels.append(k)
+        kernels.append(k)
+        kernels.append(self.region_output_kernel_size or self.region_kernel_size)
+        return tuple(kernels)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,6 +189,8 @@ class PromptNet(nn.Module):
         super().__init__()
         if isinstance(config, dict):
             config = PromptNetConfig.from_dict(config)
+        else:
+            config = config._normalised()
         self.config = config
         ch = tuple(config.block_out_channels)
         heads = tuple(config.attention_head_dim)
@@ -154,18 +239,17 @@ class PromptNet(nn.Module):
             upcast_attention=config.upcast_attention,
         )
 
-        # Token head: kernel = stride starts at region_kernel_size and halves after every block that
-        # downsamples, so every feature map lands on the same grid.
-        k = config.region_kernel_size
+        # Token head: kernel = stride starts at region_kernel_size (ours; the official rule gives
+        # max(2 ** (n_blocks - 1), 8)) and halves after every block that downsamples, so every feature map
+        # lands on the same grid; the final conv has its own kernel (the official ``region_kernel_size``).
+        kernels = config.head_kernels()
         p = config.region_proj_channel
-        self.first_prompt_projection = nn.Conv2d(ch[0], p, k, stride=k)
-        self.down_prompt_projections = nn.ModuleList()
-        for i, c in enumerate(ch):
-            if i < len(ch) - 1:
-                k = max(k // 2, 1)
-            self.down_prompt_projections.append(nn.Conv2d(c, p, k, stride=k))
+        self.first_prompt_projection = nn.Conv2d(ch[0], p, kernels[0], stride=kernels[0])
+        self.down_prompt_projections = nn.ModuleList(
+            nn.Conv2d(c, p, k, stride=k) for c, k in zip(ch, kernels[1:1 + len(ch)]))
+        k = kernels[-2]
         self.mid_prompt_projection = nn.Conv2d(ch[-1], p, k, stride=k)
-        ko = config.region_output_kernel_size or config.region_kernel_size
+        ko = kernels[-1]
         self.region_prompt_output = nn.Conv2d(p * (len(ch) + 2), config.prompt_channel, ko, stride=ko)
 
         if config.with_residual_heads:
@@ -222,6 +306,75 @@ class PromptNet(nn.Module):
     def save_config(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=list))
+
+
+#: Arguments of the official ``PromptNetModel.__init__`` and their defaults (read, not copied, from
+#: drboog/ProFusion ``diffusers/src/diffusers/models/promptnet.py``); a key missing from an official
+#: ``config.json`` takes these values, exactly as the official class would.
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "region_kernel_size": 8,
+    "region_proj_channel": 128,
+    "prompt_channel": 1024,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": _DOWN_TYPES,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "block_out_channels": (160, 320, 640, 640),
+    "res_block_out_channels": (160, 320, 640, 640),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": 8,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "use_clip_vision_embeds": False,
+    "use_res": True,
+    "with_noise": False,
+}
+
+#: Official options that must keep these values: the others change the network or its inputs in ways
+#: ProFusion's release never uses (``with_noise`` false would feed z_ref instead of x_t as the condition;
+#: ``use_clip_vision_embeds`` false expects other image features).
+_OFFICIAL_FIXED: dict[str, Any] = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "use_clip_vision_embeds": True,
+    "with_noise": True,
+}
+
+
+def official_head_kernel(n_blocks: int) -> int:
+    """The official first head kernel: ``max(2 ** (n_blocks - 1), 8)`` (8 for SD2's four down blocks)."""
+    return max(2 ** (int(n_blocks) - 1), 8)
+
+
+def is_official_config(cfg: dict[str, Any]) -> bool:
+    """An official ``PromptNetModel`` config (ours always carries ``region_output_kernel_size``)."""
+    return "region_output_kernel_size" not in cfg
 
 
 def drop_unused_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
