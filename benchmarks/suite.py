@@ -9,6 +9,12 @@ at a time: every backend's untimed first call, the warm-up calls, then the timed
 rotating order (slow drift of a shared machine then hits every backend alike, and the ratios against
 eager compare runs minutes apart at most), then each worker's own tasks (peak FLOP/s, stages,
 comparisons, scaling). Ratios, FLOP/s and parity are derived from what the workers report.
+
+Artifacts (onnxruntime, TensorRT rows): exported in a child process of its own, under the time budget
+(killed when the budget runs out, the rows then say why), before any worker starts. One rule for
+precision and model hash: artifacts are matched by the hash of the float32 weights, so the export and the
+artifact rows' workers always load the pipeline in float32; the precision of the engines is separate
+(:func:`artifact_precision`: onnxruntime fp32, TensorRT the suite's dtype).
 """
 
 from __future__ import annotations
@@ -168,20 +174,76 @@ def row_reasons(cfg: SuiteConfig) -> dict[str, str]:
 
 
 # -- export ----------------------------------------------------------------------------------------------
-def export_for(cfg: SuiteConfig, reasons: dict[str, str]) -> dict[str, Any]:
-    """Export (or find in the cache) the graphs the onnxruntime / tensorrt rows need; on failure those
-    rows are marked skipped with the error."""
+def artifact_precision(cfg: SuiteConfig, backend: str) -> str:
+    """The precision of the artifacts a row runs: onnxruntime fp32 (the CPU-tested path), TensorRT the
+    suite's dtype (fp16 in the GPU suite). Whatever it is, the pipeline behind the row is float32: artifacts
+    are matched by the float32 weights' hash (``profusion_rt.runtime.backends.artifact_model_hash``)."""
+    return cfg.dtype if backend == "tensorrt" else "fp32"
+
+
+def export_for(cfg: SuiteConfig, reasons: dict[str, str], timeout_s: float | None = None) -> dict[str, Any]:
+    """Export (or find in the cache) the graphs the onnxruntime / tensorrt rows need, in a child process of
+    its own that is killed after ``timeout_s`` (the suite's remaining budget); on failure or timeout those
+    rows are marked skipped with the reason."""
     need_ort = not reasons.get("onnxruntime")
     need_trt = not reasons.get("tensorrt")
     if not (need_ort or need_trt):
         return {"status": "not needed"}
+    import contextlib
+    import multiprocessing
+    import queue as queue_module
+
+    start = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")  # a fresh process: no CUDA context inherited, memory freed after
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_export_child, args=(cfg, dict(reasons), queue), name="bench-export", daemon=True)
+    proc.start()
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    result = None
+    try:
+        while result is None:
+            try:
+                result = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if not proc.is_alive():  # a last look: it may have answered just before exiting
+                    with contextlib.suppress(queue_module.Empty):
+                        result = queue.get(timeout=1.0)
+                    break
+                if end is not None and time.monotonic() > end:
+                    break
+        if result is not None:
+            info, child_reasons = result
+            reasons.update(child_reasons)
+        else:
+            why = (f"export did not finish within the time budget ({timeout_s:.0f} s)" if proc.is_alive()
+                   else f"export process died (exit code {proc.exitcode})")
+            info = {"root": _rel(cfg.artifacts), "graphs": {}, "status": f"failed: {why}"}
+            for name in ("onnxruntime", "tensorrt"):
+                if not reasons.get(name):
+                    reasons[name] = why
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    info["seconds"] = time.perf_counter() - start
+    return info
+
+
+def _export_child(cfg: SuiteConfig, reasons: dict[str, str], queue) -> None:
+    queue.put(_export(cfg, reasons))
+
+
+def _export(cfg: SuiteConfig, reasons: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(info, reasons) after exporting what the rows need (runs in the export process)."""
+    need_ort = not reasons.get("onnxruntime")
+    need_trt = not reasons.get("tensorrt")
     import torch
 
     from export.cache import export_artifacts
 
     from .models import build_pipeline
 
-    start = time.perf_counter()
     info: dict[str, Any] = {"root": _rel(cfg.artifacts), "graphs": {}}
     try:
         pipe = build_pipeline(cfg.model, cfg.device, "fp32", cfg.seed)
@@ -197,7 +259,7 @@ def export_for(cfg: SuiteConfig, reasons: dict[str, str]) -> dict[str, Any]:
             try:
                 export_artifacts(pipe, cfg.artifacts, graphs=["fusion_stage", "refinement_stage"], validate=False,
                                  batch=1, dynamic_batch=(1, 4), exporter="legacy", backend="tensorrt",
-                                 precision=cfg.dtype if cfg.dtype != "fp32" else "fp16")
+                                 precision=artifact_precision(cfg, "tensorrt"))
             except Exception as exc:
                 reasons["tensorrt"] = f"TensorRT build failed: {exc}".splitlines()[0][:160]
         del pipe
@@ -210,8 +272,7 @@ def export_for(cfg: SuiteConfig, reasons: dict[str, str]) -> dict[str, Any]:
         for name in ("onnxruntime", "tensorrt"):
             if not reasons.get(name):
                 reasons[name] = f"export failed: {exc}".splitlines()[0][:160]
-    info["seconds"] = time.perf_counter() - start
-    return info
+    return info, reasons
 
 
 # -- jobs ------------------------------------------------------------------------------------------------
@@ -230,10 +291,8 @@ def make_job(cfg: SuiteConfig, name: str, runs_dir: Path) -> dict[str, Any]:
         job["use_cuda_graph"] = row["use_cuda_graph"]
     if row["backend"] in ("onnxruntime", "tensorrt"):
         job["artifacts"] = str(cfg.artifacts)
-    if row["backend"] == "onnxruntime":
-        job["dtype"] = "fp32"  # artifacts are matched by the float32 weights' hash
-    if row["backend"] == "tensorrt":
-        job["precision"] = cfg.dtype if cfg.dtype != "fp32" else "fp16"
+        job["dtype"] = "fp32"  # artifacts are matched by the float32 weights' hash, whatever their precision
+        job["precision"] = artifact_precision(cfg, row["backend"])
     if row["backend"].startswith("torch-compile") and cfg.compile_mode:
         job["compile_mode"] = cfg.compile_mode
     if name == "eager":
@@ -293,8 +352,10 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
 
     reasons = row_reasons(cfg)
     if any(not reasons[n] for n in ("onnxruntime", "tensorrt")):
-        log("exporting the ONNX graphs for onnxruntime (cached after the first run) ...")
-    results["export"] = export_for(cfg, reasons)
+        log("exporting the ONNX graphs for onnxruntime / TensorRT in their own process (cached after the first "
+            "run) ...")
+    export_budget = None if deadline is None else max(deadline - time.monotonic() - 60.0, 1.0)
+    results["export"] = export_for(cfg, reasons, timeout_s=export_budget)
     if results["export"].get("seconds"):
         log(f"  export: {results['export']['status']} in {results['export']['seconds']:.1f} s")
 

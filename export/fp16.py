@@ -14,6 +14,10 @@ What is kept in float32, and why:
 * **The graphs' float32 inputs**: ``scalars`` and ``embedding_scale`` stay float32 inputs; timestep
   embeddings are computed in float32 by diffusers before the cast; the CLIP preprocessing of the image
   encoder runs in float32.
+* **The whole VAE decoder** (``vae_decoder``): its mid-block attention over 512 channels and its up-blocks
+  overflow float16 at SD2 sizes (NaN or black images, the reason diffusers upcasts the VAE); the float16
+  graph keeps float16 inputs and outputs and computes in float32 inside (:class:`Float32Graph`). It runs
+  once per image, so this costs little.
 
 This is done on a float16 *copy* of the torch module before export (so the exported ONNX carries the
 casts, and TensorRT builds it as a strongly typed network that keeps them). The pipeline's own float32
@@ -31,7 +35,7 @@ from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["to_mixed_fp16", "Fp32GroupNorm", "Fp32LayerNorm", "UpcastAttnProcessor"]
+__all__ = ["to_mixed_fp16", "Float32Graph", "Fp32GroupNorm", "Fp32LayerNorm", "UpcastAttnProcessor"]
 
 
 class Fp32GroupNorm(nn.GroupNorm):
@@ -55,9 +59,35 @@ class Fp32LayerNorm(nn.LayerNorm):
 _NORMS = {nn.GroupNorm: Fp32GroupNorm, nn.LayerNorm: Fp32LayerNorm}
 
 
+class Float32Graph(nn.Module):
+    """A float32 network inside a float16 graph: float16 inputs are cast to float32, the network runs in
+    float32, floating outputs are cast back to float16 (the graph's I/O dtypes follow the precision)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        out = self.module(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+        if isinstance(out, tuple):
+            return tuple(o.half() if o.is_floating_point() else o for o in out)
+        return out.half() if out.is_floating_point() else out
+
+
+def _float32_graph_types() -> tuple[type, ...]:
+    """Graph modules exported in float32 inside a float16 graph (see the module docstring)."""
+    from profusion_rt.artifacts.graphs import VaeDecoderGraph
+
+    return (VaeDecoderGraph,)
+
+
 def to_mixed_fp16(module: nn.Module) -> nn.Module:
     """A float16 copy of ``module`` with the float32 islands described in the module docstring. The
-    copy is made tensor by tensor in float16 (the float32 weights are not duplicated as a whole)."""
+    copy is made tensor by tensor in float16 (the float32 weights are not duplicated as a whole). The VAE
+    decoder graph is not copied: it is wrapped in :class:`Float32Graph`."""
+    if isinstance(module, _float32_graph_types()):
+        logger.debug("fp16 graph of %s: computed in float32 inside", type(module).__name__)
+        return Float32Graph(module).eval()
     memo: dict[int, object] = {}
     # Deep-copy the structure but give every floating tensor of non-norm modules a float16 copy directly.
     norm_ids = {id(m) for m in module.modules() if type(m) in _NORMS}

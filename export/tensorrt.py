@@ -1,9 +1,12 @@
 """Optimized ONNX -> TensorRT plan, through polygraphy's Python API.
 
-* Precision: ``fp32`` builds the float32 ONNX with TF32 off; ``fp16`` builds the float16 ONNX (with its
-  float32 islands, see :mod:`export.fp16`) as a *strongly typed* network, so TensorRT keeps exactly the
-  ONNX types; ``bf16`` builds the float32 ONNX with the BF16 builder flag (weakly typed: TensorRT picks
-  bf16 kernels where it can).
+* Precision: ``fp32`` builds the float32 ONNX and ``fp16`` the float16 ONNX (with its float32 islands, see
+  :mod:`export.fp16`), both as *strongly typed* networks (TensorRT keeps exactly the ONNX types; TF32 off);
+  that is the only kind TensorRT 11 builds. ``bf16`` builds the float32 ONNX with the BF16 builder flag
+  (weakly typed: TensorRT picks bf16 kernels where it can), which exists in TensorRT 10 only: TensorRT 11
+  removed ``BuilderFlag.BF16`` (and every weak-typing flag), so a bf16 build there is refused with
+  :class:`~profusion_rt.errors.BackendUnavailableError` before any work. Support is feature-detected
+  (:func:`supports_precision`), never decided from the version string.
 * Shapes: one optimization profile derived from the spec; static (min = opt = max at the export batch)
   by default, a batch range ``(min, max)`` with the export batch as optimum on request.
 * A timing cache per GPU and TensorRT version under ``<root>/timing-cache/`` is loaded and updated.
@@ -127,11 +130,28 @@ def build_options(precision: str, refittable: bool = False, optimization_level: 
         "tf32": False,
         "fp16": False,  # fp16 comes from the ONNX types of a strongly typed network
         "bf16": precision == "bf16",
-        "strongly_typed": precision == "fp16",
+        "strongly_typed": precision != "bf16",
         "refittable": bool(refittable),
         "builder_optimization_level": None if optimization_level is None else int(optimization_level),
         "workspace_bytes": None if workspace_bytes is None else int(workspace_bytes),
     }
+
+
+def supports_precision(trt, precision: str) -> bool:
+    """Whether the installed TensorRT can build ``precision``: fp32 and fp16 always (strongly typed); bf16
+    only where the weak-typing ``BuilderFlag.BF16`` exists (TensorRT 10; removed in 11)."""
+    if precision == "bf16":
+        return hasattr(trt.BuilderFlag, "BF16")
+    return precision in TRT_PRECISIONS
+
+
+def check_precision(trt, precision: str) -> None:
+    """:class:`BackendUnavailableError` when the installed TensorRT cannot build ``precision``."""
+    if not supports_precision(trt, precision):
+        raise BackendUnavailableError(
+            f"TensorRT {trt.__version__} cannot build {precision} plans: bf16 from the float32 ONNX needs "
+            "BuilderFlag.BF16, which TensorRT 11 removed (it builds strongly typed networks only); use "
+            "--precision fp16 or fp32, or TensorRT 10")
 
 
 def create_config(options: Mapping[str, Any], shapes: Mapping[str, tuple[tuple[int, ...], ...]],
@@ -181,8 +201,9 @@ def build_plan(onnx_path: Path, out_dir: Path, spec: GraphSpec, dims: Mapping[st
     """Build and save a plan for this GPU; returns its manifest record (file name under ``"file"``).
     ``onnx_key``: the hash of everything the ONNX file reads (its bytes and external data); default: the
     sha256 of the file."""
-    onnx_key = onnx_key or file_digest(onnx_path)
     trt = require_tensorrt()
+    check_precision(trt, precision)  # before any work
+    onnx_key = onnx_key or file_digest(onnx_path)
     from .optimize import polygraphy_quiet
 
     polygraphy_quiet()

@@ -43,3 +43,8 @@ class OutputPathError(ProFusionError, OSError):
 
 class BackendUnavailableError(ProFusionError, RuntimeError):
     """A requested backend (TensorRT, a CUDA provider, a GPU) is not available on this machine."""
+
+
+class EngineError(ProFusionError, RuntimeError):
+    """An inference engine refused its inputs or failed: a tensor of the wrong dtype, a misaligned address,
+    a shape outside the engine's profile, an incomplete or failed weight refit."""

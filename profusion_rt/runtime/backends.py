@@ -22,8 +22,8 @@ EngineFactory = Callable[..., tuple[Engine, Engine]]
 
 
 def stage_modules(pipe: ProFusionPipeline) -> tuple[FusionStage, RefinementStage]:
-    args = (pipe.unet, pipe.text_encoder, pipe.promptnet, pipe.text_skip_layers)
-    return FusionStage(*args).eval(), RefinementStage(*args).eval()
+    # for the prediction type (ε or v) of the pipeline's scheduler config
+    return FusionStage.from_pipeline(pipe), RefinementStage.from_pipeline(pipe)
 
 
 def _torch(pipe: ProFusionPipeline, artifacts: Path | None = None, **_) -> tuple[Engine, Engine]:
@@ -53,11 +53,14 @@ def onnxruntime_engine(entry, device: torch.device | str, threads: int | None = 
                      batch_range=entry.dynamic_batch or (entry.batch, entry.batch))
 
 
-def tensorrt_engine(entry, device: torch.device | str, **_) -> Engine:
-    """A :class:`~.trt_engine.TrtEngine` over the plan of one artifact built for this GPU and TensorRT."""
-    from .trt_engine import TrtEngine, require_tensorrt
+def tensorrt_engine(entry, device: torch.device | str, resources=None, **_) -> Engine:
+    """A :class:`~.trt_engine.TrtEngine` over the plan of one artifact built for this GPU and TensorRT.
+    ``resources``: the :class:`~.trt_engine.TrtResources` (stream, activation memory) of the runtime the
+    engine belongs to; by default the engine gets its own."""
+    from .trt_engine import TrtEngine, TrtResources, require_tensorrt
 
     trt = require_tensorrt()
+    resources = resources or TrtResources(device)
     gpu = torch.cuda.get_device_name(device)
     cc = torch.cuda.get_device_capability(device)
     plan = entry.plan_path(gpu, trt.__version__, cc)
@@ -66,14 +69,14 @@ def tensorrt_engine(entry, device: torch.device | str, **_) -> Engine:
             f"no TensorRT plan of {entry.graph} for {gpu} and TensorRT {trt.__version__} in {entry.path}; "
             "build it with `profusion-rt export --backend tensorrt`")
     return TrtEngine(plan, device=device, onnx_path=entry.opt_onnx_path or entry.onnx_path,
-                     batch_range=entry.dynamic_batch or (entry.batch, entry.batch))
+                     batch_range=entry.dynamic_batch or (entry.batch, entry.batch), resources=resources)
 
 
 def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp32",
                  threads: int | None = None, **_) -> tuple[Engine, Engine]:
     if artifacts is None:
         raise InvalidParameterError("the onnxruntime backend needs an artifact folder (profusion-rt export)")
-    digest = model_hash(pipe)
+    digest = artifact_model_hash(pipe)
     fusion, refinement = (onnxruntime_engine(select_artifact(artifacts, digest, graph, precision), pipe.device,
                                              threads) for graph in STAGE_GRAPHS)
     return fusion, refinement
@@ -81,15 +84,30 @@ def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precisi
 
 def _tensorrt(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp16",
               **_) -> tuple[Engine, Engine]:
-    from .trt_engine import require_tensorrt
+    from .trt_engine import TrtResources, require_tensorrt
 
     require_tensorrt()
     if artifacts is None:
         raise InvalidParameterError("the tensorrt backend needs an artifact folder (profusion-rt export --backend tensorrt)")
-    digest = model_hash(pipe)
-    fusion, refinement = (tensorrt_engine(select_artifact(artifacts, digest, graph, precision), pipe.device)
+    digest = artifact_model_hash(pipe)
+    resources = TrtResources(pipe.device)  # one stream and one activation allocation for this runtime's engines
+    fusion, refinement = (tensorrt_engine(select_artifact(artifacts, digest, graph, precision), pipe.device,
+                                          resources=resources)
                           for graph in STAGE_GRAPHS)
     return fusion, refinement
+
+
+def artifact_model_hash(pipe: ProFusionPipeline) -> str:
+    """The model hash exported artifacts are matched by, one rule for every precision: the hash of the
+    float32 weights (export always reads a float32 pipeline; an fp16 or bf16 artifact is derived from it).
+    A pipeline held in another dtype cannot reproduce that hash, so it is refused with the fix; the engines'
+    precision is chosen separately (``precision=``), and the runtime's buffers take the engines' dtypes."""
+    if pipe.dtype != torch.float32:
+        raise InvalidParameterError(
+            f"artifacts are matched by the float32 weights' hash, and this pipeline holds {pipe.dtype}: load it "
+            "in float32 (--dtype fp32) and choose the engines' precision with --precision (fp16 by default for "
+            "tensorrt)")
+    return model_hash(pipe)
 
 
 def pick_artifact(entries, graph: str, precision: str):

@@ -1,4 +1,11 @@
-"""OrtEngine: an ONNX graph run by onnxruntime with IO binding on the runtime's static buffers."""
+"""OrtEngine: an ONNX graph run by onnxruntime with IO binding on the runtime's static buffers.
+
+On CUDA the session's CUDA provider gets the device index (``device_id``) and torch's current stream
+(``user_compute_stream``), so onnxruntime's kernels are queued behind the runtime's copies on the same stream;
+a run from another torch stream than the one the session was created on first waits for that stream
+(``synchronize``). None of the CUDA paths has been executed yet (no GPU where this was built); they are
+checked against onnxruntime's documented provider options by ``tests/runtime/test_ort_cuda_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 _ORT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
               torch.int32: np.int32, torch.bool: np.bool_}
+#: onnxruntime's type strings of graph inputs and outputs -> torch dtypes
+_TORCH_OF_ORT = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+                 "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
 
 
 def import_onnxruntime():
@@ -28,8 +38,29 @@ def import_onnxruntime():
     return ort
 
 
-def providers_for(device: torch.device) -> list[str]:
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+def cuda_device_index(device: torch.device) -> int:
+    device = torch.device(device)
+    return torch.cuda.current_device() if device.index is None else int(device.index)
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The handle of torch's current CUDA stream on ``device`` (0 is the legacy default stream)."""
+    return int(torch.cuda.current_stream(torch.device("cuda", cuda_device_index(device))).cuda_stream)
+
+
+def providers_for(device: torch.device) -> list:
+    """onnxruntime providers for ``device``: on CUDA the CUDA provider with the device index and torch's
+    current stream as its compute stream (then the CPU provider for what CUDA cannot run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    options = {"device_id": str(cuda_device_index(device)),
+               "user_compute_stream": str(current_stream_handle(device))}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+def provider_name(provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
 
 
 class OrtEngine:
@@ -52,15 +83,22 @@ class OrtEngine:
         self.ort = import_onnxruntime()
         self.path = Path(onnx_path)
         self.device = torch.device(device)
-        self.providers = list(providers or providers_for(self.device))
+        #: explicit providers, or None: :func:`providers_for` the device at each session creation
+        self._given_providers = list(providers) if providers else None
         self.threads = threads
         self.batch_range = batch_range
         self._overrides: dict[str, object] = {}
         self._weight_map: dict[str, tuple] | None = None
         self._override_arrays: dict[str, np.ndarray] = {}
+        self._stream: int | None = None  # torch's stream the CUDA provider was bound to
         self.session = self._create_session()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.dtypes = {a.name: _TORCH_OF_ORT.get(a.type) for a in (*self.session.get_inputs(), *self.session.get_outputs())}
+
+    def tensor_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype the graph declares for an input or output (the runtime's buffers take it)."""
+        return self.dtypes.get(name)
 
     def _session_options(self):
         so = self.ort.SessionOptions()
@@ -83,12 +121,16 @@ class OrtEngine:
         return so
 
     def _create_session(self):
-        sess = self.ort.InferenceSession(str(self.path), sess_options=self._session_options(),
-                                         providers=self.providers)
+        providers = self._given_providers or providers_for(self.device)
+        if self.device.type == "cuda":  # the CUDA provider computes on torch's stream of now
+            self._stream = current_stream_handle(self.device)
+        self.providers = providers
+        sess = self.ort.InferenceSession(str(self.path), sess_options=self._session_options(), providers=providers)
         active = sess.get_providers()
-        if self.providers[0] not in active:
+        wanted = provider_name(providers[0])
+        if wanted not in active:
             raise BackendUnavailableError(
-                f"onnxruntime could not use {self.providers[0]} for {self.path.name} (active: {', '.join(active)});"
+                f"onnxruntime could not use {wanted} for {self.path.name} (active: {', '.join(active)});"
                 " install onnxruntime-gpu in place of onnxruntime for CUDA"
             )
         return sess
@@ -107,6 +149,13 @@ class OrtEngine:
             self._bind(binding, name, feeds[name], output=False)
         for name in self.output_names:
             self._bind(binding, name, outputs[name], output=True)
+        if self.device.type == "cuda":
+            current = current_stream_handle(self.device)
+            if current != self._stream or current == 0:
+                # The session computes on the stream it was created with; when torch now queues on another
+                # one (or on the legacy default stream, which a provider option may not name), wait for
+                # torch's queued copies before onnxruntime reads the inputs.
+                torch.cuda.current_stream(torch.device("cuda", cuda_device_index(self.device))).synchronize()
         self.session.run_with_iobinding(binding)
 
     needs_base_values = True
@@ -126,11 +175,18 @@ class OrtEngine:
 def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict[str, tuple[str, bool, np.dtype, tuple]]:
     """Locate each named base weight among the initializers a graph's nodes actually use: by name when the
     exporter kept it, else by content, flattened (exporters store linear weights transposed, and norm
-    scales reshaped, under generated names). Returns key -> (initializer, transposed, dtype, shape).
-    Weights the graph does not use are left out; a content match shared by several initializers cannot
-    be resolved and raises."""
+    scales reshaped, under generated names). Content is compared in the initializer's own dtype: an fp16
+    graph holds the float32 base values rounded to float16 (its norms stay float32), so each base value is
+    rounded to every float dtype the graph holds before matching. Returns key -> (initializer, transposed,
+    dtype, shape).
+
+    Every base weight must be found: one that is not (the graph was exported from other weights, or an
+    exporter folded it into another constant) raises :class:`~profusion_rt.errors.EngineError` rather than
+    being skipped silently, and so does a content match shared by several initializers."""
     import onnx
     from onnx import numpy_helper
+
+    from ..errors import EngineError
 
     if base is None:
         raise ValueError("locating the weights of a graph needs the base values (the first swap passes them)")
@@ -144,46 +200,64 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict
         arr = numpy_helper.to_array(init)
         by_name[init.name] = arr
         if arr.dtype.kind == "f" and arr.size > 1:
-            by_content.setdefault(_content_key(arr.astype(np.float32)), []).append(init.name)
+            by_content.setdefault(_content_key(arr), []).append(init.name)
+    float_dtypes = sorted({np.dtype(k[0]) for k in by_content}, key=str)
     out: dict[str, tuple[str, bool, np.dtype, tuple]] = {}
-    unresolved = []
+    unresolved, missing = [], []
     for key, value in base.items():
         ref = value.detach().float().cpu().numpy()
         arr = by_name.get(key)
         if arr is not None and arr.size == ref.size:
             out[key] = (key, False, arr.dtype, arr.shape)
             continue
+        found = None
         for transposed, cand in ((False, ref), (True, ref.T if ref.ndim == 2 else None)):
             if cand is None:
                 continue
-            names = by_content.get(_content_key(np.ascontiguousarray(cand)))
-            if names:
-                if len(names) > 1:
-                    unresolved.append(key)
-                out[key] = (names[0], transposed, by_name[names[0]].dtype, by_name[names[0]].shape)
+            for dtype in float_dtypes:
+                names = by_content.get(_content_key(np.ascontiguousarray(cand).astype(dtype)))
+                if names:
+                    found = (names, transposed)
+                    break
+            if found:
                 break
+        if found is None:
+            missing.append(key)
+            continue
+        names, transposed = found
+        if len(names) > 1:
+            unresolved.append(key)
+        out[key] = (names[0], transposed, by_name[names[0]].dtype, by_name[names[0]].shape)
+    name = Path(onnx_path).name
+    if missing:
+        raise EngineError(
+            f"{len(missing)} of {len(base)} weights to swap were not found in {name} (e.g. {missing[0]}): the graph "
+            "was exported from other weights, or stores them folded; re-export it from the base model")
     if unresolved:
-        from ..errors import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            f"{len(unresolved)} weights of {Path(onnx_path).name} share their values with other initializers "
+        raise EngineError(
+            f"{len(unresolved)} weights of {name} share their values with other initializers "
             f"(e.g. {unresolved[0]}), so they cannot be swapped in place; rebuild the engine from the new weights")
-    logger.info("%s: %d of %d swappable weights located", Path(onnx_path).name, len(out), len(base))
+    logger.info("%s: %d of %d swappable weights located", name, len(out), len(base))
     return out
 
 
 def graph_weights(mapping: Mapping[str, tuple], named_tensors: Mapping[str, torch.Tensor]):
-    """(initializer name, array in the graph's layout and dtype) for each named tensor the graph uses."""
+    """(initializer name, array in the graph's layout and dtype) for each named tensor; a tensor the map does
+    not hold raises :class:`~profusion_rt.errors.EngineError` (never skipped)."""
+    from ..errors import EngineError
+
     for key, value in named_tensors.items():
         target = mapping.get(key)
         if target is None:
-            continue
+            raise EngineError(f"weight {key} was not located in the graph when its weights were mapped; "
+                              "re-create the runtime")
         name, transposed, dtype, shape = target
         arr = value.detach().float().cpu().numpy()
         yield name, np.ascontiguousarray(arr.T if transposed else arr).astype(dtype, copy=False).reshape(shape)
 
 
 def _content_key(arr: np.ndarray) -> tuple:
+    """(dtype, size, digest of the bytes): equal keys mean bit-identical values in the same dtype."""
     import hashlib
 
-    return arr.size, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    return arr.dtype.str, arr.size, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()

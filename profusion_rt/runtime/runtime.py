@@ -8,8 +8,12 @@
 3. runs the loop: per step, ``fusion_steps`` calls of the fusion-stage engine and one call of the
    refinement-stage engine, ping-ponging between two latent buffers. Every per-step input is a view into a
    table already on the device, so the loop has no host synchronisation; the call list is built once per
-   shape. On CUDA with capturable engines the whole loop is captured as one CUDA graph per shape and
-   replayed for later requests;
+   shape. Each buffer takes the dtype its engine declares (a float16 TensorRT plan gets float16 buffers
+   under a float32 pipeline) and every buffer and per-step row starts on a 256-byte boundary (TensorRT's
+   address alignment). On CUDA with capturable engines the whole loop is captured as one CUDA graph per
+   shape (``capture_error_mode="thread_local"``: a customization thread may use the GPU meanwhile) and
+   replayed for later requests; a weight swap in an engine that does not share the pipeline's modules
+   (a TensorRT refit) drops the captured graphs;
 4. decodes with the VAE.
 
 Requests of the same shape and sampling parameters batch together (:meth:`Runtime.generate_batch`).
@@ -28,7 +32,7 @@ import torch
 from ..errors import InvalidParameterError
 from ..models.stages import STAGE_OUTPUT
 from ..pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
-from .engine import Engine
+from .engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +164,21 @@ class Runtime:
             base = {k: p.detach().clone() for k, p in params.items()} if self._needs_base_values() else None
             apply_delta(self.pipe, delta.to(self.device))
             new_values = {k: p.detach() for k, p in params.items()}
-            for engine in {id(e): e for e in (self.fusion_engine, self.refinement_engine)}.values():
+            engines = {id(e): e for e in (self.fusion_engine, self.refinement_engine)}.values()
+            for engine in engines:
                 engine.update_weights(new_values, base)
+            if not all(getattr(e, "weights_in_place", False) for e in engines):
+                self._drop_graphs()  # a captured graph may hold the engine's old weights (TensorRT refit)
             _sync(self.device)
             elapsed = time.perf_counter() - start
             logger.info("delta applied to the %s runtime in %.1f ms", self.backend, elapsed * 1000)
             return elapsed
+
+    def _drop_graphs(self) -> None:
+        for buf in self._buffers.values():
+            if buf.graph is not None:
+                logger.info("dropping the captured CUDA graph of shape %s (engine weights changed)", buf.key)
+            buf.graph = None
 
     def _needs_base_values(self) -> bool:
         return any(getattr(e, "needs_base_values", False) for e in (self.fusion_engine, self.refinement_engine))
@@ -174,7 +187,9 @@ class Runtime:
         return self.pipe.decode(latents, output_type)
 
     def warmup(self, **kwargs) -> None:
-        """Run one request so compilation, engine set-up and CUDA-graph capture happen before serving."""
+        """Run one request so compilation, engine set-up and CUDA-graph capture happen before serving.
+        Capture is per shape (batch, steps, fusion steps): warm up with the served ``num_inference_steps``
+        so that no capture happens later, while a customization thread may be using the GPU."""
         from ..demo import demo_reference_image
 
         kwargs.setdefault("reference_image", demo_reference_image())
@@ -216,24 +231,45 @@ class Runtime:
     def _shape_key(self, req: PreparedRequest) -> tuple:
         return (req.batch, len(req.tables.timesteps), req.fusion_steps)
 
+    def _dtype(self, name: str, default: torch.dtype, engines=None) -> torch.dtype:
+        """The dtype of the buffer fed as ``name``: what the engines declare for it (they must agree),
+        else ``default``."""
+        declared = {d for e in (engines or (self.fusion_engine, self.refinement_engine))
+                    if (d := engine_tensor_dtype(e, name)) is not None}
+        if len(declared) > 1:
+            raise InvalidParameterError(f"the stage engines disagree on the dtype of {name}: {sorted(map(str, declared))}")
+        return declared.pop() if declared else default
+
     def _allocate(self, req: PreparedRequest) -> StaticBuffers:
         b, steps, fusion = self._shape_key(req)
         dev, dt = self.device, self.dtype
         emb = req.prompts.embeds
-        tokens_shape = self.pipe.image_tokens_shape(b)
+        latent = tuple(req.latents.shape)
+        x_dt = self._dtype("x", dt)
+        if self._dtype(STAGE_OUTPUT, x_dt) != x_dt:
+            raise InvalidParameterError("the stage engines read x and write x_out in different dtypes")
+
+        def buf(name, shape, default=dt):
+            return aligned_empty(shape, self._dtype(name, default), dev)
+
         t = {
-            "x_a": torch.empty_like(req.latents),
-            "x_b": torch.empty_like(req.latents),
-            "ref_latents": torch.empty_like(req.latents),
-            "image_tokens": torch.empty(tokens_shape, device=dev, dtype=dt),
-            "token_embeds": torch.empty_like(emb),
-            "placeholder_mask": torch.empty_like(req.prompts.placeholder_mask),
-            "empty_context": torch.empty_like(emb),
-            "class_context": torch.empty_like(emb),
-            "noise": torch.empty((steps, max(fusion, 1), *req.latents.shape), device=dev, dtype=dt),
-            "timesteps": torch.empty((steps, 1), device=dev, dtype=torch.int64),
-            "fusion_scalars": torch.empty((steps, 4), device=dev, dtype=torch.float32),
-            "refinement_scalars": torch.empty((steps, 4), device=dev, dtype=torch.float32),
+            "x_a": aligned_empty(latent, x_dt, dev),
+            "x_b": aligned_empty(latent, x_dt, dev),
+            "ref_latents": buf("ref_latents", latent),
+            "image_tokens": buf("image_tokens", self.pipe.image_tokens_shape(b)),
+            "token_embeds": buf("token_embeds", emb.shape, emb.dtype),
+            "placeholder_mask": buf("placeholder_mask", req.prompts.placeholder_mask.shape,
+                                    req.prompts.placeholder_mask.dtype),
+            "empty_context": buf("empty_context", emb.shape, emb.dtype),
+            "class_context": buf("class_context", emb.shape, emb.dtype),
+            # per-step tables: one 256-byte-aligned row per step (and per fusion step for the noise)
+            "noise": aligned_rows(steps * max(fusion, 1), latent, self._dtype("noise", dt), dev).view(
+                steps, max(fusion, 1), *latent),
+            "timesteps": aligned_rows(steps, (1,), self._dtype("timestep", torch.int64), dev),
+            "fusion_scalars": aligned_rows(steps, (4,), self._dtype("scalars", torch.float32, [self.fusion_engine]),
+                                           dev),
+            "refinement_scalars": aligned_rows(steps, (4,), self._dtype("scalars", torch.float32,
+                                                                        [self.refinement_engine]), dev),
         }
         const = {k: t[k] for k in ("ref_latents", "image_tokens", "token_embeds", "placeholder_mask", "empty_context")}
         calls: list[Call] = []
@@ -287,7 +323,9 @@ class Runtime:
             self._run_calls(buf)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: only this thread's unsafe CUDA calls break the capture (the server customizes
+        # subjects on another thread, on the same GPU)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._run_calls(buf)
         buf.graph = graph
         logger.info("captured a CUDA graph of %d stage calls for shape %s", len(buf.calls), buf.key)
@@ -306,7 +344,7 @@ class Runtime:
             buf.graph.replay()
         else:
             self._run_calls(buf)
-        return buf.final.clone()
+        return buf.final.to(self.dtype, copy=True)
 
 
 def concat_requests(reqs: Sequence[PreparedRequest]) -> PreparedRequest:

@@ -21,6 +21,9 @@ class TorchEngine:
 
     graph_capturable = True
     batch_range = None  # any batch
+    #: computes with the pipeline's own modules: a delta applied to them in place is seen at once, and
+    #: captured CUDA graphs stay valid
+    weights_in_place = True
 
     def __init__(self, module: nn.Module, input_names: Sequence[str], output_name: str = "x_out",
                  compile: bool = False, compile_mode: str | None = None, name: str | None = None):

@@ -45,7 +45,7 @@ def test_profile_becomes_a_polygraphy_profile():
 
 
 @pytest.mark.parametrize("precision, flags", [
-    ("fp32", dict(fp16=False, bf16=False, tf32=False, strongly_typed=False)),
+    ("fp32", dict(fp16=False, bf16=False, tf32=False, strongly_typed=True)),
     ("fp16", dict(fp16=False, bf16=False, tf32=False, strongly_typed=True)),
     ("bf16", dict(fp16=False, bf16=True, tf32=False, strongly_typed=False)),
 ])
@@ -149,3 +149,33 @@ def test_build_and_validate_a_plan(tiny_pipe, tmp_path):
     assert report.stages["tensorrt"] == "built" and report.passed
     again = builder.run(["unet"], progress=False)[0]
     assert again.stages["tensorrt"] == "cached"
+
+
+def _tensorrt_module(version: str, flags: tuple[str, ...]):
+    """A stand-in ``tensorrt`` module with the given builder flags (TensorRT 11 has no BF16 flag)."""
+    import enum
+    import types
+
+    return types.SimpleNamespace(__version__=version, BuilderFlag=enum.Enum("BuilderFlag", flags))
+
+
+def test_bf16_needs_the_weak_typing_flag_of_tensorrt_10():
+    """Finding 5: TensorRT 11 removed BuilderFlag.BF16; fp32 and fp16 are strongly typed in both."""
+    trt10 = _tensorrt_module("10.8.0", ("TF32", "FP16", "BF16", "REFIT"))
+    trt11 = _tensorrt_module("11.0.0", ("TF32", "REFIT"))
+    for precision in ("fp32", "fp16"):
+        assert trt_export.supports_precision(trt10, precision) and trt_export.supports_precision(trt11, precision)
+        assert trt_export.build_options(precision)["strongly_typed"] is True
+    assert trt_export.supports_precision(trt10, "bf16")
+    assert not trt_export.supports_precision(trt11, "bf16")
+    with pytest.raises(BackendUnavailableError, match="BF16"):
+        trt_export.check_precision(trt11, "bf16")
+
+
+def test_bf16_build_on_tensorrt_11_is_refused_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _tensorrt_module("11.0.0", ("TF32", "REFIT")))
+    with pytest.raises(BackendUnavailableError, match="TensorRT 11"):
+        trt_export.build_plan(tmp_path / "missing.onnx", tmp_path, GRAPHS["unet"], DIMS, 1, "bf16")
+    assert not any(tmp_path.iterdir())
