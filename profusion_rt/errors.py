@@ -48,3 +48,12 @@ class BackendUnavailableError(ProFusionError, RuntimeError):
 class EngineError(ProFusionError, RuntimeError):
     """An inference engine refused its inputs or failed: a tensor of the wrong dtype, a misaligned address,
     a shape outside the engine's profile, an incomplete or failed weight refit."""
+
+
+class NonFiniteError(ProFusionError, FloatingPointError):
+    """A latent or image holds NaN or Inf (typically fp16 overflow); ``stage`` names where it appeared:
+    "fusion stage", "refinement stage", "latents after the loop" or "VAE decode". Never returned as an image."""
+
+    def __init__(self, message: str, stage: str = ""):
+        super().__init__(message)
+        self.stage = stage

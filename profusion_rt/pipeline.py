@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import sampling
 from .errors import InvalidParameterError, PromptError
+from .finite import FiniteGuard, check_finite
 from .image_io import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
 from .models import text as textenc
 from .models.factory import Components, build_components
@@ -186,6 +187,7 @@ class TorchEncoders:
     def decode_latents(self, latents):
         vae = self.pipe.vae
         y = vae.decode(latents / vae.config.scaling_factor).sample
+        check_finite(y, "VAE decode", self.pipe.dtype)  # before the clamp, which would hide an Inf
         return (y / 2 + 0.5).clamp(0, 1)
 
 
@@ -342,7 +344,7 @@ class RequestPreparation:
         """Latents -> images: VAE decode of x / scaling_factor, then (y / 2 + 0.5) clamped to [0, 1]."""
         if output_type == "latent":
             return latents
-        images = self.encoders.decode_latents(latents).float().cpu()
+        images = check_finite(self.encoders.decode_latents(latents), "VAE decode", self.dtype).float().cpu()
         if output_type == "np":
             return images.permute(0, 2, 3, 1).numpy()
         return [tensor_to_pil(im) for im in images]
@@ -480,6 +482,7 @@ class ProFusionPipeline(RequestPreparation):
         """The sampling loop of PROFUSION.md section 3, eagerly: returns the final latents."""
         x, ref, enc, tab = req.latents, req.reference, req.prompts, req.tables
         steps = tqdm(range(len(tab.timesteps)), desc="sampling", disable=not self.progress_bar, leave=False)
+        guard = FiniteGuard(self.dtype)  # device-side flags per stage call, read once after the loop
         for i in steps:
             t = tab.timesteps[i]
             c_eps, c_noise, w_fusion, gamma = tab.fusion[i].unbind(0)
@@ -490,14 +493,15 @@ class ProFusionPipeline(RequestPreparation):
                 cond = self._conditioning(ref, enc, x, t, gamma)
                 e_u, e_f = guided_eps(self.unet, x, t, [enc.empty, cond])
                 e_hat = sampling.fusion_guidance(e_u, e_f, w_fusion)
-                x = sampling.fusion_update(x, e_hat, req.noise[i, r], c_eps, c_noise)
+                x = guard.watch(sampling.fusion_update(x, e_hat, req.noise[i, r], c_eps, c_noise), "fusion stage", i)
 
             # Refinement stage: one UNet call on [∅, C[S*], C~], guidance, DDIM step (eta = 0).
             cond = self._conditioning(ref, enc, x, t, 1.0) if ref is not None else req.plain_context
             contexts = [enc.empty, cond] + ([enc.class_context] if req.use_class else [])
             eps = guided_eps(self.unet, x, t, contexts)
             e = sampling.refinement_guidance(eps[0], eps[1], eps[2] if req.use_class else None, s1, s2)
-            x = sampling.ddim_step(x, e, alpha, alpha_prev)
+            x = guard.watch(sampling.ddim_step(x, e, alpha, alpha_prev), "refinement stage", i)
+        guard.check()
         return x
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import InvalidParameterError
+from ..finite import check_finite
 from ..models.stages import STAGE_OUTPUT
 from ..pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
 from .engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
@@ -344,7 +345,8 @@ class Runtime:
             buf.graph.replay()
         else:
             self._run_calls(buf)
-        return buf.final.to(self.dtype, copy=True)
+        # once after the loop (no synchronisation inside it): a NaN/Inf latent is an error, not an image
+        return check_finite(buf.final.to(self.dtype, copy=True), "latents after the loop", self.dtype, f" ({self.backend} backend)")
 
 
 def concat_requests(reqs: Sequence[PreparedRequest]) -> PreparedRequest:
