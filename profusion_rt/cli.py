@@ -63,6 +63,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="reference image of the subject")
     p.add_argument("--prompt", required=True, help='prompt; "{S*}" marks the subject, e.g. "a {S*} wearing sunglasses"')
     p.add_argument("--class-word", default="person", help="class word for the reference guidance prompt C~")
+    p.add_argument("--negative-prompt", default=None,
+                   help="replaces the empty prompt in every guidance term (at most 77 tokens)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance scale w")
     p.add_argument("--reference-guidance-scale", type=float, default=5.0,
@@ -82,6 +84,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         reference_image=args.image,
         prompt=args.prompt,
         class_word=args.class_word,
+        negative_prompt=getattr(args, "negative_prompt", None),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         reference_guidance_scale=args.reference_guidance_scale,

@@ -22,11 +22,12 @@ Official-code names, for readers who know them: ``fusion_steps`` = ``refine_step
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -238,15 +239,37 @@ class RequestPreparation:
         return torch.stack(ids).to(self.device), torch.stack(mask).to(self.device, self.dtype)
 
     @torch.no_grad()
+    def _tokenize_negative(self, negative_prompt, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ids of the distinct negative prompts (U, 77), index of each prompt's row or None when U == 1).
+        ``None`` means the empty prompt ∅; a string applies to every prompt; a list gives one per prompt."""
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = ["" if negative_prompt is None else negative_prompt]
+        elif isinstance(negative_prompt, (list, tuple)):
+            negatives = list(negative_prompt)
+            if len(negatives) != n_prompts:
+                raise InvalidParameterError(
+                    f"{len(negatives)} negative prompts for {n_prompts} prompts; give one string, or one per prompt")
+        else:
+            raise InvalidParameterError(
+                f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
+        distinct = list(dict.fromkeys(negatives)) if all(isinstance(n, str) for n in negatives) else negatives
+        ids = [tokenize_negative_prompt(self.tokenizer, text) for text in distinct]
+        rows = None if len(distinct) == 1 else torch.tensor([distinct.index(n) for n in negatives])
+        return torch.stack(ids).to(self.device), rows
+
+    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], class_word: str | None, with_reference: bool,
-                       counts: Sequence[int]) -> EncodedPrompts:
-        """Token embeddings of C[S*] (S* is inserted per stage call) and the constant ∅ and C~ contexts."""
+                       counts: Sequence[int], negative_prompt: str | Sequence[str] | None = None) -> EncodedPrompts:
+        """Token embeddings of C[S*] (S* is inserted per stage call) and the constant ∅ and C~ contexts.
+        ``negative_prompt`` replaces ∅ in every guidance term (one string for all prompts, or one per prompt)."""
         ids, mask = self._tokenize(prompts, allow_placeholder=with_reference)
+        negative_ids, negative_rows = self._tokenize_negative(negative_prompt, len(prompts))
         rep = torch.tensor(list(counts), device=self.device)
         encoders = self.encoders
         embeds = encoders.token_embeddings(ids)
-        empty_ids, _ = self._tokenize([""], allow_placeholder=False)
-        empty = encoders.encode_ids(empty_ids)
+        empty = encoders.encode_ids(negative_ids)
+        if negative_rows is not None:  # one negative prompt per prompt, then one row per image
+            empty = empty[negative_rows.to(self.device)].repeat_interleave(rep, 0)
         if with_reference:
             word = class_word if class_word is not None else "person"
             class_ids, _ = self._tokenize([replace_placeholder(p, word) for p in prompts], allow_placeholder=False)
@@ -257,7 +280,7 @@ class RequestPreparation:
         return EncodedPrompts(
             embeds=embeds.repeat_interleave(rep, 0),
             placeholder_mask=mask.repeat_interleave(rep, 0),
-            empty=empty.expand(total, -1, -1),
+            empty=empty.expand(total, -1, -1) if negative_rows is None else empty,
             class_context=class_context,
         )
 
@@ -290,9 +313,14 @@ class RequestPreparation:
         reference: ReferenceEncoding | None = None,
         num_images_per_prompt: int = 1,
         reference_mode: str = "sample",
+        negative_prompt: str | Sequence[str] | None = None,
     ) -> PreparedRequest:
         """Validate a request and compute its constants once: reference features, prompt embeddings and
-        placeholder mask, the ∅ and C~ contexts, x_T and all fusion noise, and the per-step tables."""
+        placeholder mask, the ∅ and C~ contexts, x_T and all fusion noise, and the per-step tables.
+
+        ``negative_prompt`` (as diffusers): replaces the empty prompt ∅ in every guidance term (fusion stage,
+        refinement stage, plain CFG); one string for all prompts or a list with one per prompt; at most 77
+        tokens. ``None`` and ``""`` are ∅."""
         params = SamplingParams(num_inference_steps, guidance_scale, reference_guidance_scale, fusion_steps,
                                 fusion_guidance_scale, fusion_eta, fusion_embedding_scale)
         params.validate()
@@ -307,7 +335,7 @@ class RequestPreparation:
         device, dtype = self.device, self.dtype
 
         # Tokenize first: prompt errors are reported before any network runs.
-        encoded = self.encode_prompts(prompts, class_word, with_reference, counts)
+        encoded = self.encode_prompts(prompts, class_word, with_reference, counts, negative_prompt)
         if with_reference and reference is None:
             reference = self.encode_reference(reference_image, mode=reference_mode, seed=seeds[0])
         if reference is not None and len(reference) not in (1, len(prompts)):
@@ -478,9 +506,15 @@ class ProFusionPipeline(RequestPreparation):
                                         ref.latents, ref.image_tokens, prompts.embeds, prompts.placeholder_mask, scale)
 
     @torch.no_grad()
-    def denoise(self, req: PreparedRequest) -> torch.Tensor:
-        """The sampling loop of PROFUSION.md section 3, eagerly: returns the final latents."""
+    def denoise(self, req: PreparedRequest, callback_on_step_end: Callable | None = None,
+                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                progress_callback: Callable[[int, int], Any] | None = None) -> torch.Tensor:
+        """The sampling loop of PROFUSION.md section 3, eagerly: returns the final latents. The callbacks are
+        described in :meth:`__call__`."""
         x, ref, enc, tab = req.latents, req.reference, req.prompts, req.tables
+        kind = tab.prediction_type  # ε or v: the fusion update and the DDIM step need ε (sampling.prediction)
+        names = step_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, ref is not None)
+        plain = req.plain_context
         steps = tqdm(range(len(tab.timesteps)), desc="sampling", disable=not self.progress_bar, leave=False)
         guard = FiniteGuard(self.dtype)  # device-side flags per stage call, read once after the loop
         for i in steps:
@@ -493,25 +527,106 @@ class ProFusionPipeline(RequestPreparation):
                 cond = self._conditioning(ref, enc, x, t, gamma)
                 e_u, e_f = guided_eps(self.unet, x, t, [enc.empty, cond])
                 e_hat = sampling.fusion_guidance(e_u, e_f, w_fusion)
+                e_hat = sampling.to_epsilon(e_hat, x, alpha, kind)  # v -> ε; ε unchanged
                 x = guard.watch(sampling.fusion_update(x, e_hat, req.noise[i, r], c_eps, c_noise), "fusion stage", i)
 
             # Refinement stage: one UNet call on [∅, C[S*], C~], guidance, DDIM step (eta = 0).
-            cond = self._conditioning(ref, enc, x, t, 1.0) if ref is not None else req.plain_context
+            cond = self._conditioning(ref, enc, x, t, 1.0) if ref is not None else plain
             contexts = [enc.empty, cond] + ([enc.class_context] if req.use_class else [])
             eps = guided_eps(self.unet, x, t, contexts)
             e = sampling.refinement_guidance(eps[0], eps[1], eps[2] if req.use_class else None, s1, s2)
-            x = guard.watch(sampling.ddim_step(x, e, alpha, alpha_prev), "refinement stage", i)
+            x = guard.watch(sampling.ddim_step(x, e, alpha, alpha_prev, kind), "refinement stage", i)
+            if callback_on_step_end is not None:
+                x, enc, plain = self._step_end(callback_on_step_end, names, i, t, x, enc, plain)
+            if progress_callback is not None:
+                progress_callback(i + 1, len(tab.timesteps))
         guard.check()
         return x
 
+    def _step_end(self, callback: Callable, names: Sequence[str], i: int, t: torch.Tensor, x: torch.Tensor,
+                  enc: EncodedPrompts, plain: torch.Tensor | None):
+        """Call ``callback_on_step_end`` after step i; the tensors it returns replace the loop's (diffusers)."""
+        current = {"latents": x, "negative_prompt_embeds": enc.empty, "prompt_embeds": plain}
+        out = callback(self, i, t, {name: current[name] for name in names})
+        if out is None:
+            out = {}
+        if not isinstance(out, Mapping):
+            raise InvalidParameterError(
+                f"callback_on_step_end must return a dict of tensors, got {type(out).__name__}")
+        new = {name: _callback_tensor(name, out[name], old) if name in out and old is not None else old
+               for name, old in current.items()}
+        if new["negative_prompt_embeds"] is not enc.empty:
+            enc = dataclasses.replace(enc, empty=new["negative_prompt_embeds"])
+        return new["latents"], enc, new["prompt_embeds"]
+
     @torch.no_grad()
-    def __call__(self, *args, output_type: str = "pil", **kwargs) -> ProFusionOutput:
-        """Generate images. Arguments as :meth:`prepare`, plus ``output_type`` ("pil", "np", "latent")."""
+    def __call__(self, *args, output_type: str = "pil", callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 progress_callback: Callable[[int, int], Any] | None = None, **kwargs) -> ProFusionOutput:
+        """Generate images. Arguments as :meth:`prepare`, plus ``output_type`` ("pil", "np", "latent") and:
+
+        * ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict``, diffusers' step
+          callback, called after each step's DDIM update with ``callback_kwargs`` holding the tensors named in
+          ``callback_on_step_end_tensor_inputs`` (default ``["latents"]``; also ``"negative_prompt_embeds"``,
+          the ∅ / negative context, and in plain mode ``"prompt_embeds"``); the tensors of the returned dict
+          replace the loop's (same shapes). An object with a ``tensor_inputs`` attribute (diffusers'
+          ``PipelineCallback``) names its own inputs. The runtime has no per-step hook (see
+          :class:`~profusion_rt.runtime.Runtime`).
+        * ``progress_callback(done_steps, total_steps)``: called after each step (the runtime takes it too).
+        """
         if output_type not in OUTPUT_TYPES:
             raise InvalidParameterError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if progress_callback is not None and not callable(progress_callback):
+            raise InvalidParameterError("progress_callback must be callable (done_steps, total_steps)")
+        step_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, False)  # fail fast
         req = self.prepare(*args, **kwargs)
-        x = self.denoise(req)
+        x = self.denoise(req, callback_on_step_end, callback_on_step_end_tensor_inputs, progress_callback)
         return ProFusionOutput(images=self.decode(x, output_type), latents=x, seeds=req.seeds)
+
+
+def tokenize_negative_prompt(tokenizer, text) -> torch.Tensor:
+    """Token ids (77,) of a negative prompt: a plain prompt (no ``{S*}``) of at most 77 tokens. Raises
+    :class:`InvalidParameterError` for a non-string and :class:`PromptError` (one line) otherwise."""
+    if not isinstance(text, str):
+        raise InvalidParameterError(f"a negative prompt must be a string, got {type(text).__name__}")
+    try:
+        row, index = tokenize_prompt(tokenizer, text)
+    except PromptError as exc:
+        raise PromptError(f"negative_prompt: {exc}") from None
+    if index is not None:
+        raise PromptError(f"negative_prompt: {text!r} contains {PLACEHOLDER}; a negative prompt is a plain prompt")
+    return row
+
+
+#: the tensors ``callback_on_step_end`` may read and replace (diffusers' names)
+STEP_CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+
+def step_callback_inputs(callback, names: Sequence[str] | str | None, with_reference: bool) -> tuple[str, ...]:
+    """The validated ``callback_on_step_end_tensor_inputs`` (() without a callback)."""
+    if callback is None:
+        return ()
+    if not callable(callback):
+        raise InvalidParameterError("callback_on_step_end must be callable (pipe, step_index, timestep, callback_kwargs)")
+    names = getattr(callback, "tensor_inputs", None) or names or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in STEP_CALLBACK_TENSORS]
+    if unknown:
+        raise InvalidParameterError(f"callback_on_step_end_tensor_inputs: {', '.join(map(repr, unknown))} not among "
+                                    f"{', '.join(STEP_CALLBACK_TENSORS)}")
+    if with_reference and "prompt_embeds" in names:
+        raise InvalidParameterError("callback_on_step_end_tensor_inputs: 'prompt_embeds' exists in plain mode only; "
+                                    "with a reference image C[S*] is recomputed from S* at every stage call")
+    return names
+
+
+def _callback_tensor(name: str, value, old: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(value):
+        raise InvalidParameterError(f"callback_on_step_end returned {name} as {type(value).__name__}, not a tensor")
+    if tuple(value.shape) != tuple(old.shape):
+        raise InvalidParameterError(
+            f"callback_on_step_end returned {name} of shape {tuple(value.shape)}; expected {tuple(old.shape)}")
+    return value.to(old.device, old.dtype)
 
 
 def resolve_seeds(seed: int | Sequence[int], batch: int) -> list[int]:

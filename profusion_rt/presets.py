@@ -8,7 +8,10 @@ or on the meta device for FLOP counting) lives in :mod:`profusion_rt.models.fact
   images 256x256, so that a 50-step fusion sample runs in seconds on two CPU cores.
 * ``sd2-base``: the exact shapes of SD2-base at 512 px (UNet, VAE, OpenCLIP ViT-H/14 text and vision
   towers) and of the released PromptNet (PROMPTNET_CHECKPOINT.md).
-* ``sd2-768``: SD2's 96x96-latent shapes with upcast attention, for benchmarking only.
+* ``tiny-v``: ``tiny`` with a v-prediction scheduler (the same random weights for the same seed), to test
+  the v-prediction path of every backend.
+* ``sd2-768``: SD2's 96x96-latent shapes with upcast attention and v-prediction, like the real
+  stabilityai/stable-diffusion-2 checkpoint, for benchmarking only.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ SD2_SCHEDULER: dict[str, Any] = {
     "clip_sample": False,
     "timestep_spacing": "leading",
 }
+
+#: The scheduler of SD2-768 (v-prediction); otherwise SD2-base's.
+SD2_V_SCHEDULER: dict[str, Any] = dict(SD2_SCHEDULER, prediction_type="v_prediction")
 
 #: OpenAI CLIP image normalisation used by the reference-image preprocessing.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -164,10 +170,11 @@ def _vision(hidden, layers, heads, intermediate, image_size, patch) -> dict[str,
     }
 
 
-def _tiny() -> Preset:
+def _tiny(name: str = "tiny", scheduler: dict[str, Any] | None = None) -> Preset:
     unet = _unet((32, 64, 64, 64), (2, 4, 4, 4), 1, 64, 32)
     return Preset(
-        name="tiny",
+        name=name,
+        scheduler=dict(scheduler or SD2_SCHEDULER),
         resolution=256,
         unet=unet,
         vae=_vae((32, 32, 64, 64), 1, 256),
@@ -189,10 +196,11 @@ def _sd2(resolution: int, upcast: bool) -> Preset:
         text_encoder=_text(1024, 24, 16, 4096),
         image_encoder=_vision(1280, 32, 16, 5120, 224, 14),
         promptnet=_promptnet(unet, 1280, 8, None, 128),
+        scheduler=dict(SD2_SCHEDULER if resolution == 512 else SD2_V_SCHEDULER),
     )
 
 
-_PRESETS = {"tiny": _tiny, "sd2-base": lambda: _sd2(512, False), "sd2-768": lambda: _sd2(768, True)}
+_PRESETS = {"tiny": _tiny, "tiny-v": lambda: _tiny("tiny-v", SD2_V_SCHEDULER), "sd2-base": lambda: _sd2(512, False), "sd2-768": lambda: _sd2(768, True)}
 
 
 def preset_names() -> list[str]:

@@ -804,6 +804,7 @@ def _pydantic_models():
         subject_id: str | None = None
         image_base64: str | None = None
         class_word: str = Field("person", min_length=1, max_length=64)
+        negative_prompt: str | None = None
         num_inference_steps: int | None = Field(None, ge=1)
         guidance_scale: float = Field(7.0, ge=0, le=100)
         reference_guidance_scale: float = Field(5.0, ge=0, le=100)
@@ -979,10 +980,19 @@ def decode_image(data: bytes, config: ServeConfig):
     return load_image(data, max_pixels=config.max_pixels)
 
 
-def check_prompt(tokenizer, prompt: str, class_word: str, max_chars: int) -> None:
+def check_prompt(tokenizer, prompt: str, class_word: str, max_chars: int, negative_prompt: str | None = None) -> None:
     """The prompt rules of the server (:class:`PromptError`, 422): one ``{S*}``, at most 77 tokens (the class
-    prompt too), no control characters, at most ``max_chars`` characters."""
+    prompt too), no control characters, at most ``max_chars`` characters; a negative prompt: no ``{S*}``, at
+    most 77 tokens and ``max_chars`` characters, no control characters."""
     from .models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
+    from .pipeline import tokenize_negative_prompt
+
+    if negative_prompt is not None:
+        if len(negative_prompt) > max_chars:
+            raise PromptError(f"the negative_prompt is {len(negative_prompt)} characters long; the limit is {max_chars}")
+        if _CONTROL_RE.search(negative_prompt):
+            raise PromptError("the negative_prompt contains control characters")
+        tokenize_negative_prompt(tokenizer, negative_prompt)
 
     if not prompt.strip():
         raise PromptError("the prompt is empty")
@@ -1103,7 +1113,7 @@ class Server:
             raise InvalidParameterError(f"num_images: at most {self.config.max_batch} per request")
         if p.num_images > 1 and not want_json:
             raise InvalidParameterError("num_images: a PNG answer holds one image; ask for ?format=json")
-        check_prompt(self.pipe.tokenizer, p.prompt, p.class_word, self.config.max_prompt_chars)
+        check_prompt(self.pipe.tokenizer, p.prompt, p.class_word, self.config.max_prompt_chars, p.negative_prompt)
         subject = None
         if p.subject_id is not None:
             subject = await run_in_threadpool(self.subjects.load, p.subject_id, self.pipe.device, self.pipe.dtype)
@@ -1112,7 +1122,8 @@ class Server:
                                         if subject is None else
                                         f"subject {subject.id} has no stored reference image; upload one as 'image'")
         kwargs: dict[str, Any] = dict(
-            prompt=p.prompt, class_word=p.class_word, num_inference_steps=steps, guidance_scale=p.guidance_scale,
+            prompt=p.prompt, class_word=p.class_word, negative_prompt=p.negative_prompt,
+            num_inference_steps=steps, guidance_scale=p.guidance_scale,
             reference_guidance_scale=p.reference_guidance_scale, fusion_steps=p.fusion_steps,
             fusion_guidance_scale=p.fusion_guidance_scale, fusion_eta=p.fusion_eta,
             fusion_embedding_scale=p.fusion_embedding_scale,

@@ -384,10 +384,12 @@ def _build(kind: str) -> Callable[[Any], nn.Module]:
             return graphs.PromptNetGraph(pipe.promptnet)
         if kind == "unet":
             return graphs.UNetGraph(pipe.unet)
+        # the stages compute the prediction type (ε or v) of the pipeline's scheduler config; that config is
+        # part of the model hash naming the artifact folder, so ε and v graphs never share a folder
         if kind == "fusion_stage":
-            return graphs.FusionStage(pipe.unet, pipe.text_encoder, pipe.promptnet, pipe.text_skip_layers)
+            return graphs.FusionStage.from_pipeline(pipe)
         if kind == "refinement_stage":
-            return graphs.RefinementStage(pipe.unet, pipe.text_encoder, pipe.promptnet, pipe.text_skip_layers)
+            return graphs.RefinementStage.from_pipeline(pipe)
         raise KeyError(kind)
 
     return builder
@@ -395,7 +397,7 @@ def _build(kind: str) -> Callable[[Any], nn.Module]:
 
 _TEXT = ("models/text.py",)
 _STAGE_SOURCES = ("models/stages.py", "models/shared_prefix.py", "models/text.py", "models/promptnet.py", "sampling/__init__.py",
-                  "sampling/ddim.py", "sampling/fusion.py", "sampling/guidance.py")
+                  "sampling/ddim.py", "sampling/fusion.py", "sampling/guidance.py", "sampling/prediction.py")
 
 _LATENT = ("B", "C", "h", "w")
 _STAGE_COMMON = {

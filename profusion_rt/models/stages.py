@@ -14,6 +14,12 @@ The scalars are packed per step:
 * refinement ``scalars`` = [a_t, a_t', guidance_scale, reference_guidance_scale]
 
 (float32, shape (4,)); :func:`step_tables` builds the (steps, 4) tables once per request.
+
+The prediction type of the model (ε or v, :mod:`profusion_rt.sampling.prediction`) is a property of the
+module, fixed when it is built (:meth:`FusionStage.from_pipeline`): an exported graph computes one kind, and
+the model hash that names its artifacts covers the scheduler config that says which. For v-prediction the
+fusion stage needs a_t to turn the guided v into ε; it reads it from the scheduler's ᾱ table at ``timestep``
+(a constant of the module), so the stage inputs are the same for both kinds.
 """
 
 from __future__ import annotations
@@ -60,12 +66,40 @@ def guided_eps(unet: nn.Module, x: torch.Tensor, timestep: torch.Tensor,
 
 
 class _Stage(nn.Module):
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, promptnet: nn.Module, text_skip_layers: int):
+    #: the stage converts a guided v into ε itself and so needs a_t from the scheduler's table (the
+    #: refinement stage gets a_t in its scalars)
+    needs_alpha_table = False
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, promptnet: nn.Module, text_skip_layers: int,
+                 prediction_type: str = sampling.EPSILON, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
         self.promptnet = promptnet
         self.text_skip_layers = int(text_skip_layers)
+        self.prediction_type = sampling.prediction_type(prediction_type)
+        needs_table = self.prediction_type != sampling.EPSILON and self.needs_alpha_table
+        if needs_table and alphas_cumprod is None:
+            raise ValueError(f"a {self.prediction_type} {type(self).__name__} needs the scheduler's alphas_cumprod")
+        if needs_table:
+            device = next(unet.parameters()).device
+            self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().to(device), persistent=False)
+        else:
+            self.alphas_cumprod = None
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "_Stage":
+        """The stage over a pipeline's networks, for the prediction type of its scheduler config."""
+        config = pipe.scheduler_config
+        kind = sampling.prediction_type(config)
+        table = sampling.ddim.alphas_cumprod_table(config) if kind != sampling.EPSILON and cls.needs_alpha_table \
+            else None
+        return cls(pipe.unet, pipe.text_encoder, pipe.promptnet, pipe.text_skip_layers, prediction_type=kind,
+                   alphas_cumprod=table).eval()
+
+    def alpha_at(self, timestep: torch.Tensor) -> torch.Tensor:
+        """a_t (0-d float32) from the scheduler's table, for ``timestep`` of shape (1,) or ()."""
+        return self.alphas_cumprod.index_select(0, timestep.reshape(1)).reshape(())
 
     def conditioning(self, x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, scale):
         return placeholder_conditioning(self.promptnet, self.text_encoder, self.text_skip_layers, x, timestep,
@@ -79,14 +113,17 @@ class FusionStage(_Stage):
     """x_t -> x_t after one fusion-stage iteration (PROFUSION.md section 3, step 2)."""
 
     input_names = FUSION_INPUTS
+    needs_alpha_table = True
 
     def forward(self, x, timestep, scalars, ref_latents, image_tokens, token_embeds, placeholder_mask,
                 empty_context, noise):
         c_eps, c_noise, w_fusion, gamma = scalars.unbind(0)
         cond = self.conditioning(x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, gamma)
-        e_u, e_f = self.eps(x, timestep, [empty_context, cond])
-        e_hat = sampling.fusion_guidance(e_u, e_f, w_fusion)
-        return sampling.fusion_update(x, e_hat, noise, c_eps, c_noise)
+        o_u, o_f = self.eps(x, timestep, [empty_context, cond])
+        guided = sampling.fusion_guidance(o_u, o_f, w_fusion)
+        if self.prediction_type != sampling.EPSILON:
+            guided = sampling.to_epsilon(guided, x, self.alpha_at(timestep), self.prediction_type)
+        return sampling.fusion_update(x, guided, noise, c_eps, c_noise)
 
 
 class RefinementStage(_Stage):
@@ -100,20 +137,22 @@ class RefinementStage(_Stage):
         cond = self.conditioning(x, timestep, ref_latents, image_tokens, token_embeds, placeholder_mask, 1.0)
         e_u, e_c, e_r = self.eps(x, timestep, [empty_context, cond, class_context])
         e = sampling.refinement_guidance(e_u, e_c, e_r, s1, s2)
-        return sampling.ddim_step(x, e, alpha, alpha_prev)
+        return sampling.ddim_step(x, e, alpha, alpha_prev, self.prediction_type)
 
 
 @dataclass
 class StepTables:
     """Per-step inputs of the stage graphs for one request: timesteps (steps,) int64 and the packed
-    scalars (steps, 4) float32 of each stage."""
+    scalars (steps, 4) float32 of each stage; ``prediction_type`` of the model the tables are for."""
 
     timesteps: torch.Tensor
     fusion: torch.Tensor
     refinement: torch.Tensor
+    prediction_type: str = sampling.EPSILON
 
     def to(self, device) -> "StepTables":
-        return StepTables(self.timesteps.to(device), self.fusion.to(device), self.refinement.to(device))
+        return StepTables(self.timesteps.to(device), self.fusion.to(device), self.refinement.to(device),
+                          self.prediction_type)
 
 
 def step_tables(schedule: sampling.DDIMSchedule, guidance_scale: float, reference_guidance_scale: float,
@@ -124,4 +163,4 @@ def step_tables(schedule: sampling.DDIMSchedule, guidance_scale: float, referenc
     fusion = torch.stack([c_eps, c_noise, ones * fusion_guidance_scale, ones * fusion_embedding_scale], 1)
     refinement = torch.stack([schedule.alpha, schedule.alpha_prev, ones * guidance_scale,
                               ones * reference_guidance_scale], 1)
-    return StepTables(schedule.timesteps.clone(), fusion, refinement)
+    return StepTables(schedule.timesteps.clone(), fusion, refinement, schedule.prediction_type)

@@ -107,7 +107,9 @@ class Runtime:
 
     # -- public API --------------------------------------------------------------------------------------
     def __call__(self, output_type: str = "pil", **kwargs) -> ProFusionOutput:
-        """Same keyword arguments as :meth:`ProFusionPipeline.__call__`."""
+        """Same keyword arguments as :meth:`ProFusionPipeline.__call__` (``negative_prompt`` included), except
+        ``callback_on_step_end``: a typed error, as the loop has no per-step hook; ``progress_callback`` instead
+        (see :func:`pop_progress_callback`)."""
         return self.generate_batch([dict(kwargs, output_type=output_type)])[0]
 
     def generate_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ProFusionOutput]:
@@ -116,12 +118,13 @@ class Runtime:
 
         with self._lock:
             start = time.perf_counter()
-            prepared, output_types = [], []
+            prepared, output_types, progress = [], [], []
             for kw in requests:
                 kw = dict(kw)
                 output_type = kw.pop("output_type", "pil")
                 if output_type not in OUTPUT_TYPES:
                     raise InvalidParameterError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+                progress.append(pop_progress_callback(kw))
                 prepared.append(self.pipe.prepare(**kw))
                 output_types.append(output_type)
             t_prep = time.perf_counter() - start
@@ -133,7 +136,7 @@ class Runtime:
             for indices in self._chunks(groups.values(), prepared):
                 merged = concat_requests([prepared[i] for i in indices])
                 t0 = time.perf_counter()
-                x = self.denoise(merged)
+                x = self.denoise(merged, [progress[i] for i in indices if progress[i] is not None])
                 _sync(self.device)
                 t1 = time.perf_counter()
                 offset = 0
@@ -313,9 +316,13 @@ class Runtime:
             refinement[:, 3] = 0.0
         t["refinement_scalars"].copy_(refinement)
 
-    def _run_calls(self, buf: StaticBuffers) -> None:
-        for engine, feeds, outputs in buf.calls:
+    def _run_calls(self, buf: StaticBuffers, progress: Sequence[Any] = ()) -> None:
+        per_step, steps = buf.key[2] + 1, buf.key[1]  # fusion calls + one refinement call per step
+        for k, (engine, feeds, outputs) in enumerate(buf.calls):
             engine.run(feeds, outputs)
+            if progress and (k + 1) % per_step == 0:  # a Python call, no device synchronisation
+                for callback in progress:
+                    callback((k + 1) // per_step, steps)
 
     def _capture(self, buf: StaticBuffers) -> None:
         stream = torch.cuda.Stream(self.device)
@@ -332,7 +339,9 @@ class Runtime:
         logger.info("captured a CUDA graph of %d stage calls for shape %s", len(buf.calls), buf.key)
 
     @torch.no_grad()
-    def denoise(self, req: PreparedRequest) -> torch.Tensor:
+    def denoise(self, req: PreparedRequest, progress: Sequence[Any] = ()) -> torch.Tensor:
+        """The loop over the static buffers. ``progress``: the requests' progress callbacks (see
+        :func:`pop_progress_callback`): per step on the plain loop, once after a CUDA-graph replay."""
         key = self._shape_key(req)
         buf = self._buffers.get(key)
         if buf is None:
@@ -343,10 +352,35 @@ class Runtime:
                 self._capture(buf)
                 self._load(buf, req)  # capture ran the loop: restore x_T
             buf.graph.replay()
+            if progress:  # one replay is the whole loop: report it once it has finished
+                _sync(self.device)
+                for callback in progress:
+                    callback(key[1], key[1])
         else:
-            self._run_calls(buf)
+            self._run_calls(buf, progress)
         # once after the loop (no synchronisation inside it): a NaN/Inf latent is an error, not an image
         return check_finite(buf.final.to(self.dtype, copy=True), "latents after the loop", self.dtype, f" ({self.backend} backend)")
+
+
+def pop_progress_callback(kw: dict[str, Any]):
+    """Take a request's ``progress_callback(done_steps, total_steps)`` out of its keyword arguments; refuse
+    diffusers' ``callback_on_step_end``, which a captured loop cannot call.
+
+    The runtime calls ``progress_callback`` on the host after the stage calls of each step were issued: on
+    CPU engines, after the step ran; on CUDA without CUDA graphs, after its kernels were queued (the loop
+    never waits for the device); with a CUDA graph the loop is one replay, so it is called once, with
+    (total, total), after the replay finished."""
+    for name in ("callback_on_step_end", "callback_on_step_end_tensor_inputs"):
+        if kw.get(name) is not None:
+            raise InvalidParameterError(
+                f"the runtime does not take {name}: its loop is captured (static buffers, CUDA graphs) and has no "
+                "per-step hook; pass progress_callback=fn(done_steps, total_steps) for progress, or use the eager "
+                "ProFusionPipeline for step callbacks")
+        kw.pop(name, None)
+    callback = kw.pop("progress_callback", None)
+    if callback is not None and not callable(callback):
+        raise InvalidParameterError("progress_callback must be callable (done_steps, total_steps)")
+    return callback
 
 
 def concat_requests(reqs: Sequence[PreparedRequest]) -> PreparedRequest:

@@ -1,9 +1,10 @@
-"""Pure tensor math shared by the eager pipeline and the fused stage modules: DDIM tables, guidance and
-the fusion re-noise update. No modules, no I/O."""
+"""Pure tensor math shared by the eager pipeline and the fused stage modules: DDIM tables, the prediction
+type (ε or v) and its conversion to ε, guidance and the fusion re-noise update. No modules, no I/O."""
 
 from .ddim import DDIMSchedule, ddim_step, predict_x0
 from .fusion import fusion_coefficients, fusion_update
 from .guidance import cfg, fusion_guidance, refinement_guidance
+from .prediction import EPSILON, PREDICTION_TYPES, V_PREDICTION, prediction_type, to_epsilon, v_to_epsilon, v_to_x0
 
 __all__ = [
     "DDIMSchedule",
@@ -14,4 +15,11 @@ __all__ = [
     "cfg",
     "fusion_guidance",
     "refinement_guidance",
+    "EPSILON",
+    "V_PREDICTION",
+    "PREDICTION_TYPES",
+    "prediction_type",
+    "to_epsilon",
+    "v_to_epsilon",
+    "v_to_x0",
 ]

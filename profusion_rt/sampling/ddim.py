@@ -1,6 +1,7 @@
 """DDIM tables and the deterministic (eta = 0) DDIM step, as diffusers' DDIMScheduler computes them for
-SD2-base's configuration (scaled-linear betas, ``steps_offset=1``, ``set_alpha_to_one=False``, leading
-spacing: 981, 961, ..., 1 for 50 steps)."""
+SD2's configuration (scaled-linear betas, ``steps_offset=1``, ``set_alpha_to_one=False``, leading
+spacing: 981, 961, ..., 1 for 50 steps), for ε-prediction (SD2-base) and v-prediction (SD2-768) models
+(:mod:`.prediction`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameterError
+from .prediction import EPSILON, V_PREDICTION, prediction_type, v_to_epsilon, v_to_x0
 
 
 def alphas_cumprod_table(config: dict[str, Any]) -> torch.Tensor:
@@ -31,11 +33,13 @@ class DDIMSchedule:
 
     ``timesteps[i]`` is t of step i, ``alpha[i]`` = a_t and ``alpha_prev[i]`` = a_{t'} with
     t' = t - num_train_timesteps // steps (``final_alpha`` when t' < 0). float32 tensors on the CPU.
+    ``prediction_type``: what the model predicts ("epsilon" or "v_prediction", from the scheduler config).
     """
 
     timesteps: torch.Tensor
     alpha: torch.Tensor
     alpha_prev: torch.Tensor
+    prediction_type: str = EPSILON
 
     @classmethod
     def create(cls, config: dict[str, Any], num_inference_steps: int) -> "DDIMSchedule":
@@ -44,8 +48,7 @@ class DDIMSchedule:
             raise InvalidParameterError(
                 f"num_inference_steps must be between 1 and {n_train}, got {num_inference_steps}"
             )
-        if config.get("prediction_type", "epsilon") != "epsilon":
-            raise InvalidParameterError("only epsilon-prediction models are supported (SD2-base)")
+        kind = prediction_type(config)
         if config.get("timestep_spacing", "leading") != "leading":
             raise InvalidParameterError("only the 'leading' timestep spacing of SD2-base is supported")
         acp = alphas_cumprod_table(config)
@@ -55,7 +58,7 @@ class DDIMSchedule:
         prev = ts - ratio
         alpha = acp[ts]
         alpha_prev = torch.where(prev >= 0, acp[prev.clamp(min=0)], final)
-        return cls(timesteps=ts.to(torch.int64), alpha=alpha, alpha_prev=alpha_prev)
+        return cls(timesteps=ts.to(torch.int64), alpha=alpha, alpha_prev=alpha_prev, prediction_type=kind)
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -66,7 +69,16 @@ def predict_x0(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor) -> torch
     return (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
-    """x_{t'} = sqrt(a') x̂0 + sqrt(1 - a') eps (DDIM, eta = 0), in diffusers' order of operations."""
-    x0 = predict_x0(x, eps, alpha)
+def ddim_step(x: torch.Tensor, output: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor,
+              kind: str = EPSILON) -> torch.Tensor:
+    """x_{t'} = sqrt(a') x̂0 + sqrt(1 - a') eps (DDIM, eta = 0), in diffusers' order of operations.
+
+    ``output`` is the (guided) model output of prediction type ``kind``: ε itself, or v, from which ε and
+    x̂0 are both computed directly (:mod:`.prediction`), as diffusers does (not x̂0 from the converted ε,
+    which would divide by √a)."""
+    if kind == V_PREDICTION:
+        eps, x0 = v_to_epsilon(output, x, alpha), v_to_x0(output, x, alpha)
+    else:
+        eps = output
+        x0 = predict_x0(x, eps, alpha)
     return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
