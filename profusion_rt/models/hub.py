@@ -156,7 +156,7 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path
         except Exception as exc:  # noqa: BLE001 - no connection, hub down, offline mode: try the cache
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             offline_reason = f"the hub cannot be reached: {type(exc).__name__}: {first}"
-            logger.warning("%s; looking for %s in the cache %s", offline_reason, repo_id, cache)
+            logger.info("%s; looking for %s in the cache %s", offline_reason, repo_id, cache)
 
     if files is not None:
         patterns = select_files(files)
