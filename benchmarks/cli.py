@@ -63,6 +63,9 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(handler=cmd_bench)
+    from .doctor import register as register_doctor
+
+    register_doctor(subparsers)  # profusion-rt doctor (benchmarks/doctor.py)
 
 
 def config_from_args(args: argparse.Namespace):
