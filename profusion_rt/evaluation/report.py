@@ -67,7 +67,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"`{report['reference_set']}` (same seeds; worst item; status thresholds: PSNR >= "
                   f"{report['thresholds']['psnr_min']:g} dB and SSIM >= {report['thresholds']['ssim_min']:g}):", "",
                   "| set | status | PSNR min (dB) | SSIM min | CLIP-I vs reference set min | latent max rel. err "
-                  "| latent mean rel. err | seconds |",
+                  "| latent mean rel. err | generation s (first call incl.) |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for s in fid:
             lines.append(f"| {s['set']} | {s['status']} | {_fmt(s.get('psnr_db_min'), 1)} | {_fmt(s.get('ssim_min'))} "
