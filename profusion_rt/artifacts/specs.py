@@ -447,7 +447,7 @@ GRAPHS: dict[str, GraphSpec] = {
               [_t("sample", *_LATENT), _t("timestep", 1, dtype="int64"), _t("encoder_hidden_states", "B", "L", "D")],
               [_t("eps", *_LATENT)],
               (1e-4, 1e-3), (2e-2, 2e-2), _build("unet"), _sample_unet, (),
-              "x_t, t, context -> eps", max_batch=32),
+              "x_t, t, context -> the model output (eps; v for a v-prediction model)", max_batch=32),
         _spec("fusion_stage", [_STAGE_COMMON[n] for n in FUSION_INPUTS], [_t(STAGE_OUTPUT, *_LATENT)],
               (1e-3, 1e-3), (5e-2, 5e-2), _build("fusion_stage"), _sample_stage("fusion"), _STAGE_SOURCES,
               "one fusion-stage iteration: PromptNet -> C[gamma S*] -> UNet on [empty, C] -> guidance -> re-noise"),
