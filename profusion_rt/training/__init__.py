@@ -5,6 +5,8 @@ Public API (imported lazily, so ``import profusion_rt.training`` stays cheap for
 
 * :func:`pretrain`, :func:`customize` (:mod:`.jobs`): whole jobs with their outputs;
 * :class:`Trainer`, :class:`TrainConfig` (:mod:`.trainer`): the step and loop, checkpoints, resume;
+  :func:`diffusion_loss` (one batch's loss, noise and timesteps given), :func:`training_prompt_ids`;
+* :func:`promptnet_from_unet`, :func:`pipeline_from_sd2` (:mod:`.init`): the official PromptNet start;
 * :class:`SubjectImageDataset` (:mod:`.data`), :func:`customization_images`, :data:`Inpainter` (:mod:`.augment`);
 * :func:`save_delta`, :func:`load_delta`, :func:`apply_delta`, :func:`base_fingerprint`,
   :func:`extract_delta`, :class:`Delta` (:mod:`.delta`, format in ``docs/delta_format.md``).
@@ -21,6 +23,10 @@ _EXPORTS = {
     "Trainer": "trainer",
     "TrainConfig": "trainer",
     "TrainResult": "trainer",
+    "diffusion_loss": "trainer",
+    "training_prompt_ids": "trainer",
+    "promptnet_from_unet": "init",
+    "pipeline_from_sd2": "init",
     "SubjectImageDataset": "data",
     "customization_images": "augment",
     "Inpainter": "augment",
