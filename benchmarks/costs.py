@@ -3,7 +3,7 @@
 
 Only the networks are counted (convolutions, matmuls, attention); guidance and DDIM arithmetic are
 elementwise and negligible. Network costs are linear in the batch, so they are counted at batch 1 and
-multiplied. PROFUSION.md section 7 gives the calls per denoising step of each sampling mode.
+multiplied. docs/algorithm.md, "Cost per denoising step" gives the calls per denoising step of each sampling mode.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class NetworkFlops:
 
 
 def unet_evals_per_step(mode: str, fusion_steps: int, reference_guidance: bool = True) -> str:
-    """PROFUSION.md section 7's column "UNet calls (sequential) x batch" for one image."""
+    """docs/algorithm.md's "Cost per denoising step" column "UNet calls (sequential) x batch" for one image."""
     if mode == "plain":
         return "1 x 2"
     if mode == "official":

@@ -1,6 +1,6 @@
 """The official code's stage structure, for MEASURING its cost only (never used by the runtime).
 
-PROFUSION.md section 6, items 4-5: in every fusion-stage call the official pipeline runs the UNet on the
+docs/algorithm.md, "Cost per denoising step": in every fusion-stage call the official pipeline runs the UNet on the
 batch of three [∅, C[γS*], C~] and discards the C~ branch, and it re-encodes ∅ and C~ with the text encoder
 at every stage call (fusion and refinement). Section 7 counts this as (R+1) x 3 UNet evaluations and
 R+1 text-encoder calls of 3 sequences per step, against our minimal R x 2 + 3 and one sequence per call.
@@ -26,7 +26,7 @@ from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, FusionS
 
 class _OfficialContexts:
     """Mixin: the official per-call prompt encoding. Every stage call runs PromptNet, then ONE text-encoder
-    call on the three sequences [∅, C[scale·S*], C~] (PROFUSION.md section 7: "3 sequences each"), i.e. ∅
+    call on the three sequences [∅, C[scale·S*], C~] (docs/algorithm.md, "Cost per denoising step": "3 sequences each"), i.e. ∅
     and C~ are re-encoded from their token ids although they are constant (section 6, item 5)."""
 
     def __init__(self, unet, text_encoder, promptnet, text_skip_layers: int, empty_ids: torch.Tensor,

@@ -91,7 +91,7 @@ def count_network_costs(components, resolution: int, batch: int = 1, meta: bool 
 
 
 def sample_flops(costs: list[NetworkCost], steps: int, fusion_steps: int, reference_guidance: bool = True) -> int:
-    """FLOPs of one minimal-fusion image (PROFUSION.md section 7) from per-network costs at batch 1."""
+    """FLOPs of one minimal-fusion image (docs/algorithm.md, "Cost per denoising step") from per-network costs at batch 1."""
     c = {n.name: n.flops for n in costs}
     per_call = c["promptnet"] + c["text_encoder"]
     refinement = per_call + c["unet"] * (3 if reference_guidance else 2)

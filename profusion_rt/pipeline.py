@@ -1,5 +1,5 @@
 """The eager PyTorch reference pipeline: ProFusion's Fusion Sampling, read top to bottom like
-PROFUSION.md section 3. Every optimised backend is checked element by element against this.
+docs/algorithm.md, "The loop". Every optimised backend is checked element by element against this.
 
 Randomness (all drawn up front, on the CPU, so every device and backend sees the same numbers):
 
@@ -509,7 +509,7 @@ class ProFusionPipeline(RequestPreparation):
     def denoise(self, req: PreparedRequest, callback_on_step_end: Callable | None = None,
                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                 progress_callback: Callable[[int, int], Any] | None = None) -> torch.Tensor:
-        """The sampling loop of PROFUSION.md section 3, eagerly: returns the final latents. The callbacks are
+        """The sampling loop of docs/algorithm.md, "The loop", eagerly: returns the final latents. The callbacks are
         described in :meth:`__call__`."""
         x, ref, enc, tab = req.latents, req.reference, req.prompts, req.tables
         kind = tab.prediction_type  # ε or v: the fusion update and the DDIM step need ε (sampling.prediction)

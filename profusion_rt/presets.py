@@ -7,7 +7,7 @@ or on the meta device for FLOP counting) lives in :mod:`profusion_rt.models.fact
   penultimate-layer text encoder, a one-token S*, the real CLIP tokenizer) at a toy size: latents 32x32,
   images 256x256, so that a 50-step fusion sample runs in seconds on two CPU cores.
 * ``sd2-base``: the exact shapes of SD2-base at 512 px (UNet, VAE, OpenCLIP ViT-H/14 text and vision
-  towers) and of the released PromptNet (PROMPTNET_CHECKPOINT.md).
+  towers) and of the released PromptNet (docs/checkpoint.md).
 * ``tiny-v``: ``tiny`` with a v-prediction scheduler (the same random weights for the same seed), to test
   the v-prediction path of every backend.
 * ``sd2-768``: SD2's 96x96-latent shapes with upcast attention and v-prediction, like the real
@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import UnknownPresetError
 
-#: SD2-base DDIM scheduler configuration (PROFUSION.md section 3).
+#: SD2-base DDIM scheduler configuration (docs/algorithm.md, "The loop").
 SD2_SCHEDULER: dict[str, Any] = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,

@@ -1,5 +1,5 @@
 """One declaration per exported graph: names, dtypes, symbolic shapes, variable axes, sample inputs and
-the validation tolerance (DESIGN.md, "One spec per graph").
+the validation tolerance (docs/architecture.md, "One spec per graph").
 
 Export, validation, engine building, the runtime's buffer allocation and the tests all read these specs.
 This module imports torch but nothing of onnx / onnxruntime / polygraphy / tensorrt.

@@ -1,4 +1,4 @@
-"""The artifact cache: layout, manifests, hashes and atomic writes (DESIGN.md, "Artifacts are
+"""The artifact cache: layout, manifests, hashes and atomic writes (docs/architecture.md, "Artifacts are
 content-addressed").
 
 Layout::

@@ -1,6 +1,6 @@
 """PromptNet: maps a reference latent, the live chain latent x_t, the timestep and CLIP image tokens to S*.
 
-Module and parameter names follow the released ProFusion checkpoint (PROMPTNET_CHECKPOINT.md), so its
+Module and parameter names follow the released ProFusion checkpoint (docs/checkpoint.md), so its
 state dict loads strictly once the unused ``residual*`` keys are dropped (or, with
 ``with_residual_heads=True``, loads strictly as is). The network is a ControlNet-like clone of the SD2
 UNet's encoder half built from diffusers' own blocks, plus a token head:

@@ -43,7 +43,7 @@ STAGE_OUTPUT = "x_out"
 
 def placeholder_conditioning(promptnet: nn.Module, text_encoder: nn.Module, text_skip_layers: int, x, timestep,
                              ref_latents, image_tokens, token_embeds, placeholder_mask, scale) -> torch.Tensor:
-    """PromptNet on the live x_t and t -> S* -> C[scale * S*] (PROFUSION.md section 1)."""
+    """PromptNet on the live x_t and t -> S* -> C[scale * S*] (docs/algorithm.md, "The loop")."""
     s_star = promptnet(ref_latents, timestep, image_tokens, x)
     return textenc.encode_with_placeholder(text_encoder, token_embeds, placeholder_mask, s_star, scale,
                                            text_skip_layers)
@@ -110,7 +110,7 @@ class _Stage(nn.Module):
 
 
 class FusionStage(_Stage):
-    """x_t -> x_t after one fusion-stage iteration (PROFUSION.md section 3, step 2)."""
+    """x_t -> x_t after one fusion-stage iteration (docs/algorithm.md, "The loop", fusion stage)."""
 
     input_names = FUSION_INPUTS
     needs_alpha_table = True
@@ -127,7 +127,7 @@ class FusionStage(_Stage):
 
 
 class RefinementStage(_Stage):
-    """x_t -> x_{t'}: the refinement stage and its DDIM step (PROFUSION.md section 3, step 3)."""
+    """x_t -> x_{t'}: the refinement stage and its DDIM step (docs/algorithm.md, "The loop", refinement stage)."""
 
     input_names = REFINEMENT_INPUTS
 

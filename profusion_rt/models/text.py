@@ -1,4 +1,4 @@
-"""Prompt encoding with S* inserted (PROFUSION.md section 1, "Insertion into the prompt").
+"""Prompt encoding with S* inserted (docs/algorithm.md, "The loop").
 
 The text encoder is a ``transformers.CLIPTextModel``. It is driven layer by layer here because the
 ProFusion conditioning replaces one row of the token+position embeddings by S*, reads the hidden state

@@ -1,4 +1,4 @@
-"""Reference-image features: CLIP vision tokens and the VAE latent (PROMPTNET_CHECKPOINT.md section 4)."""
+"""Reference-image features: CLIP vision tokens and the VAE latent (docs/checkpoint.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fusion stage's variance-preserving re-noise update (PROFUSION.md section 3, step 2).
+"""The fusion stage's variance-preserving re-noise update (docs/algorithm.md, "The loop", fusion stage).
 
 With a = a_t, a' = a_{t'}:  σ² = η² (1 − a')/(1 − a) (1 − a/a'),  and
 

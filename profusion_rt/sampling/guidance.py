@@ -1,4 +1,4 @@
-"""Classifier-free guidance combinations (PROFUSION.md section 3)."""
+"""Classifier-free guidance combinations (docs/algorithm.md, "The loop")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training of the weights the runtime serves (PROFUSION.md section 2): PromptNet pre-training and
+"""Training of the weights the runtime serves (docs/training.md): PromptNet pre-training and
 single-image customization, regularization-free, plus the subject delta format.
 
 Public API (imported lazily, so ``import profusion_rt.training`` stays cheap for the CLI):

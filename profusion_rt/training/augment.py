@@ -1,6 +1,6 @@
 """The single-image customization set: the original photo plus seeded augmentations, as the official notebook.
 
-The official notebook (``test.ipynb``; PROFUSION.md section 2) builds its mini dataset from one photo:
+The official notebook (``test.ipynb``; docs/training.md) builds its mini dataset from one photo:
 
 1. ``Resize(512, BILINEAR)`` (shorter side, PIL) then ``CenterCrop(512)``, then ``RandomHorizontalFlip()``;
 2. a **face box** is kept, rows 30-460 x columns 100-400 at 512 px, everything else blanked (here scaled
@@ -52,7 +52,7 @@ FACE_BOX_512 = (30, 460, 100, 400)
 #: The notebook's SD2-inpainting prompt and negative prompt. The official ``test.ipynb`` blob is not
 #: retrievable from the repository snapshot we can read; these are taken from a public export of that
 #: notebook whose every other setting (31 images, 100 iterations, batch 4, the box, the affine ranges,
-#: 50 steps, guidance 7.5) matches PROFUSION.md's reading of it.
+#: 50 steps, guidance 7.5) matches docs/algorithm.md's reading of it.
 INPAINT_PROMPT = ("a photo of a man, highly detailed, soft natural lighting, photo realism, professional portrait, "
                   "ultra-detailed, 4k resolution, wallpaper, hd wallpaper")
 INPAINT_NEGATIVE_PROMPT = ("magzine, frame, tiled, repeated, multiple people, multiple faces, group of people, "

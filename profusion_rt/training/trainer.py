@@ -1,4 +1,4 @@
-"""The ProFusion training step and loop (PROFUSION.md section 2), shared by pre-training and customization.
+"""The ProFusion training step and loop (docs/training.md), shared by pre-training and customization.
 
 One step, batch B (every random draw from the run's CPU ``torch.Generator``, in this order, so a run is
 reproducible from its seed on any device and can be resumed exactly):
@@ -197,7 +197,7 @@ def training_prompt_ids(tokenizer, prompt: str = DEFAULT_PROMPT) -> tuple[torch.
 def diffusion_loss(pipe, latents: torch.Tensor, ref_latents: torch.Tensor, ref_tokens: torch.Tensor,
                    noise: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
                    placeholder_index: int, autocast: Callable[[], Any] | None = None) -> torch.Tensor:
-    """The ProFusion training loss of one batch (PROFUSION.md section 2), every random input given.
+    """The ProFusion training loss of one batch (docs/training.md), every random input given.
 
     ``latents``: scaled VAE latents z of the targets (B, 4, h, w); ``ref_latents``: z_ref of the references;
     ``ref_tokens``: their CLIP image tokens (B, T, V); ``noise``: eps (like ``latents``); ``timesteps``: t

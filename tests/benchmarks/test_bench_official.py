@@ -1,5 +1,5 @@
 """The official-style stages (measure-only variants in benchmarks/) compute the same x as our minimal ones,
-and the FLOP bookkeeping of the suite matches PROFUSION.md section 7 and profusion_rt.flops."""
+and the FLOP bookkeeping of the suite matches docs/algorithm.md, "Cost per denoising step" and profusion_rt.flops."""
 
 from __future__ import annotations
 

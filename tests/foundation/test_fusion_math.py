@@ -1,5 +1,5 @@
 """DDIM tables and step against diffusers' DDIMScheduler (SD2-base config), and the identities of the fusion
-stage's re-noise update (PROFUSION.md section 3, step 2), checked analytically and by Monte Carlo."""
+stage's re-noise update (docs/algorithm.md, "The loop", fusion stage), checked analytically and by Monte Carlo."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Behaviour of the eager pipeline: seeds, overrides, output types, options, and one full step rebuilt by hand
-from the components with the formulas of PROFUSION.md section 3."""
+from the components with the formulas of docs/algorithm.md, "The loop"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""S* insertion into the prompt (PROFUSION.md section 1, "Insertion into the prompt"), on the tiny text encoder,
+"""S* insertion into the prompt (docs/algorithm.md, "The loop"), on the tiny text encoder,
 anchored on transformers' own CLIPTextModel forward."""
 
 from __future__ import annotations

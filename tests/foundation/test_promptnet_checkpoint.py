@@ -1,4 +1,4 @@
-"""PromptNet's state dict against the released checkpoint's interface (PROMPTNET_CHECKPOINT.md), built on the
+"""PromptNet's state dict against the released checkpoint's interface (docs/checkpoint.md), built on the
 meta device at SD2-base size, and its forward output shape."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from profusion_rt.models.promptnet import PromptNet, drop_unused_keys
 from profusion_rt.presets import get_preset
 
-# PROMPTNET_CHECKPOINT.md: "357 tensors, 431,285,504 params, no buffers" (fork's class, SD2-base config).
+# docs/checkpoint.md: "357 tensors, 431,285,504 params, no buffers" (fork's class, SD2-base config).
 RELEASE_TENSORS = 357
 RELEASE_PARAMS = 431_285_504
 # Channels of the 12 UNet skip features the residual heads act on (doc, section 1).

@@ -1,4 +1,4 @@
-"""The training step against an independent computation written from the algorithm (PROFUSION.md section 2 /
+"""The training step against an independent computation written from the algorithm (docs/training.md /
 the official ``train.py``), and the official defaults (prompt, clipping, precision, EMA warm-up).
 
 The independent side builds the official 6-token prompt itself (``tokenizer("a photo of ", padding=True)``
