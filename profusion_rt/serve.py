@@ -1074,10 +1074,15 @@ class Server:
 
     # -- life cycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.config.warmup_steps:
+        steps = [self.config.warmup_steps] if self.config.warmup_steps else []
+        if steps and getattr(self.runtime, "use_cuda_graph", False) and self.config.default_steps not in steps:
+            # CUDA graphs are captured per shape (steps included): capture the served default now, so no capture
+            # happens later while a customization thread uses the GPU
+            steps.append(self.config.default_steps)
+        for n in steps:
             start = time.perf_counter()
-            self.runtime.warmup(num_inference_steps=self.config.warmup_steps)
-            logger.info("warm-up: %.2f s", time.perf_counter() - start)
+            self.runtime.warmup(num_inference_steps=n)
+            logger.info("warm-up (%d steps): %.2f s", n, time.perf_counter() - start)
         self.scheduler.start()
         self.ready = True
 
