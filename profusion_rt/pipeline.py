@@ -386,6 +386,10 @@ class ProFusionPipeline(RequestPreparation):
     running these modules through :class:`TorchEncoders`.
     """
 
+    #: CLIP's projection heads (:class:`~profusion_rt.models.clip_heads.ClipProjections`) when the model
+    #: carries them; evaluation only (``text_projection`` / ``visual_projection``)
+    clip_projections = None
+
     #: True for a preset's seeded random weights (``from_preset``); see :func:`profusion_rt.presets.weights_label`
     random_weights: bool = False
 
@@ -418,10 +422,12 @@ class ProFusionPipeline(RequestPreparation):
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_components(cls, c: Components, **kwargs) -> "ProFusionPipeline":
-        return cls(
+        pipe = cls(
             c.unet, c.vae, c.text_encoder, c.image_encoder, c.tokenizer, c.promptnet, c.scheduler,
             text_skip_layers=c.text_skip_layers, **kwargs,
         )
+        pipe.clip_projections = c.clip_projections
+        return pipe
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
@@ -459,7 +465,7 @@ class ProFusionPipeline(RequestPreparation):
 
     def components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.image_encoder, self.promptnet,
-                          self.scheduler, self.tokenizer, self.text_skip_layers)
+                          self.scheduler, self.tokenizer, self.text_skip_layers, self.clip_projections)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return self.components().networks()
@@ -471,7 +477,17 @@ class ProFusionPipeline(RequestPreparation):
                 net.to(dtype=dtype)
             if device is not None and current.device != torch.device(device):
                 net.to(device=device)
+        if self.clip_projections is not None:
+            self.clip_projections.to(device=device, dtype=dtype)
         return self
+
+    @property
+    def text_projection(self):
+        return None if self.clip_projections is None else self.clip_projections.text_projection
+
+    @property
+    def visual_projection(self):
+        return None if self.clip_projections is None else self.clip_projections.visual_projection
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,7 @@ class Components:
     scheduler: Any
     tokenizer: Any
     text_skip_layers: int = 1
+    clip_projections: nn.Module | None = None  # CLIP's projection heads (evaluation only; models/clip_heads.py)
 
     def networks(self) -> dict[str, nn.Module]:
         return {

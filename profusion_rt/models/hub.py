@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 #: Component folders the loader reads (profusion_rt.models.loading).
-COMPONENTS = ("unet", "vae", "promptnet", "openclip", "text_encoder", "image_encoder", "tokenizer", "scheduler")
+COMPONENTS = ("unet", "vae", "promptnet", "openclip", "text_encoder", "image_encoder", "clip_projections", "tokenizer",
+              "scheduler")
 
 #: Weight file stems per format, in the loader's order of preference.
 WEIGHT_STEMS = {".safetensors": ("model", "diffusion_pytorch_model"),

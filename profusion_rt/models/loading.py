@@ -29,6 +29,8 @@ import torch
 
 from ..errors import ModelLoadError, OutputPathError
 from .factory import Components, build_scheduler
+from .clip_heads import FOLDER as CLIP_HEADS_FOLDER
+from .clip_heads import ClipProjections
 from .hub import WEIGHT_STEMS, resolve_model_path
 from .promptnet import PromptNet, PromptNetConfig
 
@@ -335,14 +337,17 @@ def load_components(path: str | Path, promptnet_path: str | Path | None = None, 
         clip = load_transformers_model("openclip", CLIPModel, openclip)
         text_encoder = _as_tower(clip, "text") if text_dir is None else None
         image_encoder = _as_tower(clip, "vision") if image_dir is None else None
-        heads = [k for k in clip.state_dict() if not k.startswith(("text_model.", "vision_model."))]
+        projections = ClipProjections.from_clip(clip)  # kept for evaluation (CLIP-T / CLIP-I)
+        heads = [k for k in clip.state_dict()
+                 if not k.startswith(("text_model.", "vision_model.", "text_projection.", "visual_projection."))]
         if heads:
-            dropped.append(f"openclip: {', '.join(sorted(heads))} (CLIP's contrastive projection heads; "
-                           "sampling reads the towers only)")
+            dropped.append(f"openclip: {', '.join(sorted(heads))} (not used by sampling or evaluation)")
         skip_default = 1 if text_dir is None else 0  # openclip tower: hidden_states[-2]; SD2 text_encoder: last
     else:
         text_encoder = image_encoder = None
         skip_default = 0  # a diffusers SD2 text_encoder already stops at the penultimate layer
+        heads_dir = _find(dirs, CLIP_HEADS_FOLDER)
+        projections = ClipProjections.load(heads_dir) if heads_dir is not None else None
     if text_encoder is None:
         text_encoder = load_transformers_model("text_encoder", CLIPTextModel, need("text_encoder"))
     if image_encoder is None:
@@ -372,7 +377,7 @@ def load_components(path: str | Path, promptnet_path: str | Path | None = None, 
     meta["dropped"] = dropped
     meta["source"] = [str(d) for d in dirs]
     components = Components(unet, vae, text_encoder, image_encoder, promptnet, scheduler, tokenizer,
-                            int(meta["text_skip_layers"]))
+                            int(meta["text_skip_layers"]), clip_projections=projections)
     logger.info("loaded model from %s", searched)
     return components, meta
 
@@ -405,6 +410,8 @@ def save_components(pipe, path: Path, overwrite: bool = False) -> Path:
         (tmp / "promptnet").mkdir()
         pipe.promptnet.save_config(tmp / "promptnet")
         save_file(_state_dict_contiguous(pipe.promptnet), str(tmp / "promptnet" / "model.safetensors"))
+        if getattr(pipe, "clip_projections", None) is not None:
+            pipe.clip_projections.save(tmp / CLIP_HEADS_FOLDER)
         pipe.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         pipe.scheduler.save_pretrained(tmp / "scheduler")
         index = {

@@ -268,17 +268,23 @@ def test_official_layout_loads_every_tensor(tiny_pipe, official, log_records):
             continue
         assert torch.equal(nets["promptnet"][key], value), key
         checked += 1
+    heads = loaded.clip_projections.state_dict()
     for key, value in written["openclip"].items():
+        if key in heads:  # CLIP's projections: kept for evaluation
+            assert torch.equal(heads[key], value), key
+            checked += 1
+            continue
         tower = {"text_model": "text_encoder", "vision_model": "image_encoder"}.get(key.split(".")[0])
         if tower is None or key.endswith("position_ids"):
-            dropped += 1  # projections, logit scale, the old position-id buffers
+            dropped += 1  # logit scale, the old position-id buffers
             continue
         assert torch.equal(_tower_tensor(nets[tower], key), value), key
         checked += 1
-    assert checked == sum(len(s) for s in nets.values())  # every loaded tensor came from the files
+    # every loaded tensor came from the files
+    assert checked == sum(len(s) for s in nets.values()) + len(heads) and len(heads) == 2
     # 8 residual pairs at tiny size (conv_in, 2 + 2 + 2 + 1 in the blocks, the mid pair: 3 tensors each),
-    # CLIP's two projections and logit scale, the two position-id buffers
-    assert dropped == 3 * 9 + 3 + 2
+    # CLIP's logit scale, the two position-id buffers
+    assert dropped == 3 * 9 + 1 + 2
 
     assert type(loaded.scheduler).__name__ == "DDIMScheduler"  # PNDM config, DDIM sampler
     public = lambda cfg: {k: v for k, v in dict(cfg).items() if not k.startswith("_")}  # noqa: E731
@@ -501,6 +507,22 @@ def test_convert_writes_our_layout(official_bin, tiny_pipe, tmp_path, capsys):
         mine = converted.networks()[name].state_dict()
         for k, v in net.state_dict().items():
             assert torch.equal(mine[k], v), (name, k)
+    # CLIP's projection heads survive the conversion (evaluation reads them: CLIP-T, CLIP-I)
+    source = ProFusionPipeline.from_pretrained(official_bin)
+    assert (out / "clip_projections" / "model.safetensors").is_file()
+    for k, v in source.clip_projections.state_dict().items():
+        assert torch.equal(converted.clip_projections.state_dict()[k], v), k
+    assert converted.text_projection is converted.clip_projections.text_projection
+    assert "text_projection" not in text and "logit_scale" in text
+
+
+def test_broken_clip_projections_are_a_load_error(official_bin, tmp_path):
+    out = tmp_path / "ours"
+    assert main(["convert", "--model", str(official_bin), "--out", str(out)]) == 0
+    config = out / "clip_projections" / "config.json"
+    config.write_text(config.read_text().replace('"projection_dim": ', '"projection_dim": 1'))
+    with pytest.raises(ModelLoadError, match="clip_projections.*shape"):
+        ProFusionPipeline.from_pretrained(out)
 
 
 def test_convert_refuses_and_leaves_nothing(official_bin, tmp_path, capsys):
