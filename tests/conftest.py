@@ -19,6 +19,16 @@ _SHARED: dict = {}
 
 
 @pytest.fixture(scope="session")
+def tiny_v():
+    """``ProFusionPipeline.from_preset("tiny-v", seed=0)`` (v-prediction), progress bar off; do not modify it."""
+    from profusion_rt.pipeline import ProFusionPipeline
+
+    pipe = ProFusionPipeline.from_preset("tiny-v", seed=0)
+    pipe.progress_bar = False
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe():
     """``ProFusionPipeline.from_preset("tiny", seed=0)``, progress bar off. Shared: do not modify it (a
     module-level guard fails the module that does)."""

@@ -20,15 +20,6 @@ PROMPT = "a {S*} wearing sunglasses"
 
 
 @pytest.fixture(scope="module")
-def tiny_v():
-    from profusion_rt.pipeline import ProFusionPipeline
-
-    pipe = ProFusionPipeline.from_preset("tiny-v", seed=0)
-    pipe.progress_bar = False
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def sd_v(tiny_v):
     assert tiny_v.scheduler.config.prediction_type == "v_prediction"
     return sd_pipeline(tiny_v)

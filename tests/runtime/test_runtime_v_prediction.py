@@ -17,15 +17,6 @@ KW = dict(prompt="a {S*} wearing sunglasses", num_inference_steps=STEPS, seed=5)
 
 
 @pytest.fixture(scope="module")
-def tiny_v():
-    from profusion_rt.pipeline import ProFusionPipeline
-
-    pipe = ProFusionPipeline.from_preset("tiny-v", seed=0)
-    pipe.progress_bar = False
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def eager_v(tiny_v, astronaut):
     return tiny_v(reference_image=astronaut, output_type="np", **KW)
 
