@@ -49,13 +49,49 @@ def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu",
     raise ModelLoadError(f"model folder {model} does not exist")
 
 
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # = profusion_rt.hardware.PRECISION_CHOICES
+
+
+class DeprecatedAlias(argparse.Action):
+    """``--dtype X``: stores X as ``--precision`` and logs one deprecation line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        logger.warning("%s is deprecated: use --precision (one flag for the torch dtype and the artifacts' precision)",
+                       option_string)
+        setattr(namespace, self.dest, values)
+
+
+def settle_precision(args: argparse.Namespace) -> argparse.Namespace:
+    """Turn ``--precision`` (or its alias ``--dtype``) into ``args.dtype``, the weights' dtype of the loaded
+    model, and ``args.precision``, the engines' precision (None: the backend's default). ``auto`` is resolved
+    for the device and backend; bf16 on a CPU without native bf16 logs one warning line. Idempotent."""
+    from .hardware import resolve_precision, warn_if_emulated_bf16
+
+    if getattr(args, "_precision_settled", False) or not hasattr(args, "precision"):
+        return args
+    device, backend = getattr(args, "device", "cpu"), getattr(args, "backend", None)
+    precision = resolve_precision(args.precision, device, backend)
+    warn_if_emulated_bf16(precision, device)
+    args.precision = precision
+    args.dtype = "fp32" if precision is None or backend in ARTIFACT_BACKENDS else precision
+    args._precision_settled = True
+    return args
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
                    help="preset name (tiny, sd2-base, sd2-768), model folder or Hugging Face hub id (org/name)")
     p.add_argument("--promptnet", default=None,
                    help="separate PromptNet folder or hub id (with a plain SD2 --model)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the model's weights")
+    p.add_argument("--precision", default=None, choices=list(PRECISION_CHOICES),
+                   help="compute precision: the torch backends (eager, torch, torch-compile) hold the weights in it; "
+                        "onnxruntime/tensorrt load artifacts of it (the model stays fp32, as the artifacts are "
+                        "matched by the fp32 hash). auto: bf16 on a CPU with native bf16 (AMX / avx512_bf16), "
+                        "else fp32; fp16 on a GPU (default fp32; tensorrt: fp16)")
+    p.add_argument("--dtype", dest="precision", action=DeprecatedAlias, choices=["fp32", "fp16", "bf16"],
+                   help="deprecated alias of --precision (default: not set)")
+    p.set_defaults(dtype="fp32")  # the weights' dtype, set from --precision by settle_precision
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of a preset")
 
 
@@ -116,9 +152,6 @@ def artifact_runtime(args: argparse.Namespace):
 
     if args.promptnet is not None:
         raise InvalidParameterError("--promptnet needs --model (a runtime from artifacts alone loads no model)")
-    if args.dtype != "fp32":
-        raise InvalidParameterError("--dtype applies to --model; a runtime from artifacts alone takes the dtype of "
-                                    "its artifacts (--precision)")
     precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
     runtime = Runtime.from_artifacts(args.artifacts, args.backend, device=args.device, precision=precision,
                                      model_hash=args.model_hash, threads=args.threads)
@@ -132,6 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     exported artifacts alone (``--artifacts`` with onnxruntime or tensorrt and no ``--model``)."""
     from .image_io import load_image
 
+    settle_precision(args)
     if args.image is not None:
         load_image(args.image)  # fail fast on a bad file, before loading any model
     if args.model is None and args.artifacts is not None and args.backend in ARTIFACT_BACKENDS:
@@ -196,6 +230,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     costs = count_network_costs(components, resolution)
     print(f"model: {name}   resolution: {resolution}px   text layers skipped: {components.text_skip_layers}")
     print(f"scheduler: {type(components.scheduler).__name__}   tokenizer: {type(components.tokenizer).__name__}")
+    from .hardware import bf16_support, resolve_precision
+
+    support = bf16_support()
+    print(f"cpu: {support.cpu}   {support.describe()}   --precision auto on cpu: {resolve_precision('auto', 'cpu')}")
     print("| network | class | params (M) | GFLOP per forward | forward |")
     print("| --- | --- | ---: | ---: | --- |")
     classes = {k: type(v).__name__ for k, v in components.networks().items()}
@@ -275,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-hash", default=None,
                    help="which exported model of --artifacts to run without --model (when it holds several)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session (default: all cores)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="precision of the exported artifacts to use (default fp32; tensorrt fp16)")
     p.add_argument("--delta", default=None, help="customization delta to hot-swap in (profusion-rt customize)")
 
     p = sub.add_parser("info", help="components, parameters and FLOPs per network")
@@ -313,7 +349,8 @@ def _extra_parsers():
 
     found = []
     for module in ("profusion_rt.training.cli", "export.cli", "profusion_rt.runtime.cli",
-                   "benchmarks.cli", "profusion_rt.serve_cli", "profusion_rt.evaluation.cli"):
+                   "benchmarks.cli", "benchmarks.cpu_realsize", "profusion_rt.serve_cli",
+                   "profusion_rt.evaluation.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -331,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
+        settle_precision(args)
         return int(handler(args) or 0)
     except ProFusionError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -65,3 +65,38 @@ class Bf16Support:
 def bf16_support(path: str = "/proc/cpuinfo") -> Bf16Support:
     flags = cpu_flags(path)
     return Bf16Support(native_bf16(path), tuple(f for f in BF16_FLAGS if f in flags), cpu_model(path))
+
+
+# -- precision choice (issue 15: bf16 on CPU) ------------------------------------------------------------------
+
+#: what a user can ask for: ``auto`` resolves per device and backend (:func:`resolve_precision`)
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+#: the one line logged when bf16 is chosen on a CPU that emulates it
+EMULATED_BF16_WARNING = ("bf16 on this CPU ({cpu}) is emulated (no amx_bf16 / avx512_bf16): expect it to run "
+                         "slower than fp32; use --precision fp32 (or auto) here")
+
+
+def resolve_precision(precision: str | None, device="cpu", backend: str | None = None) -> str | None:
+    """The concrete precision of a request: ``None`` stays ``None`` (each backend's default); ``auto`` is bf16
+    on a CPU with native bf16 and fp32 on other CPUs (always fp32 for onnxruntime on a CPU, which has no bf16
+    kernels), fp16 on a GPU."""
+    if precision != "auto":
+        return precision
+    kind = str(device).split(":", 1)[0]
+    if kind != "cpu":
+        return "fp16"
+    if backend in ("onnxruntime", "tensorrt"):
+        return "fp32"
+    return "bf16" if native_bf16() else "fp32"
+
+
+def warn_if_emulated_bf16(precision: str | None, device="cpu") -> bool:
+    """Log :data:`EMULATED_BF16_WARNING` once when ``precision`` is bf16 on a CPU without native bf16;
+    True when it warned."""
+    import logging
+
+    if precision != "bf16" or str(device).split(":", 1)[0] != "cpu" or native_bf16():
+        return False
+    logging.getLogger("profusion_rt").warning(EMULATED_BF16_WARNING.format(cpu=cpu_model()))
+    return True

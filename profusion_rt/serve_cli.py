@@ -18,8 +18,6 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "onnxruntime", "tensorrt"],
                    help="engine of the stage loop (the per-request encoders run in torch)")
     p.add_argument("--artifacts", default=None, help="artifact folder of `profusion-rt export` (onnxruntime, tensorrt)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="precision of the exported artifacts (default fp32; tensorrt fp16)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data", default="serve-data", help="folder for stored subjects (created)")
@@ -51,6 +49,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .errors import InvalidParameterError
     from .serve import ServeConfig
 
+    from .cli import settle_precision
+
+    settle_precision(args)  # --precision: the torch dtype, or the artifacts' precision for onnxruntime/tensorrt
     if not 0 <= args.port <= 65535:
         raise InvalidParameterError(f"--port must be 0..65535, got {args.port}")
     if args.backend in ("onnxruntime", "tensorrt") and args.artifacts is None:
@@ -83,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime = create_runtime(pipe, args.backend, artifacts=args.artifacts,
                              **({"precision": args.precision} if args.precision else {}))
     app = create_app(runtime, config)
-    print(f"serving {args.model} ({args.backend}, {pipe.device}) on http://{args.host}:{args.port}  "
+    print(f"serving {args.model} ({args.backend}, {args.precision or args.dtype}, {pipe.device}) on http://{args.host}:{args.port}  "
           f"subjects in {config.data_dir}", flush=True)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                   lifespan="on", timeout_graceful_shutdown=30)).run()

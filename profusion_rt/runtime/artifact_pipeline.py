@@ -250,6 +250,10 @@ def create_runtime_from_artifacts(root: str | Path, backend: str = "onnxruntime"
         raise InvalidParameterError(
             f"a runtime from artifacts alone runs its stages on {' or '.join(STAGE_ENGINES)}, got {backend!r}; "
             "the torch backends need the model weights (create_runtime(pipe, backend))")
+    if backend == "onnxruntime":
+        from .backends import check_onnxruntime_precision
+
+        check_onnxruntime_precision(precision)  # bf16: a refusal naming what runs it
     dtype = torch_dtype(precision_dtype(precision))
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

@@ -72,8 +72,23 @@ def tensorrt_engine(entry, device: torch.device | str, resources=None, **_) -> E
                      batch_range=entry.dynamic_batch or (entry.batch, entry.batch), resources=resources)
 
 
+#: what onnxruntime runs (its CPU provider has no bf16 kernels: MatMul, Add, Softmax are not implemented for
+#: bfloat16 in onnxruntime 1.23, and ONNX Conv takes bfloat16 only from opset 22)
+ORT_PRECISIONS = ("fp32", "fp16")
+
+
+def check_onnxruntime_precision(precision: str) -> None:
+    """:class:`InvalidParameterError` naming the supported combinations for a precision onnxruntime does not
+    run (bf16)."""
+    if precision not in ORT_PRECISIONS:
+        raise InvalidParameterError(
+            f"onnxruntime runs fp32 (and fp16) artifacts only, not {precision}: bf16 runs on the torch backends "
+            "(--backend eager, torch or torch-compile with --precision bf16) and in TensorRT 10 plans")
+
+
 def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp32",
                  threads: int | None = None, **_) -> tuple[Engine, Engine]:
+    check_onnxruntime_precision(precision)
     if artifacts is None:
         raise InvalidParameterError("the onnxruntime backend needs an artifact folder (profusion-rt export)")
     digest = artifact_model_hash(pipe)
