@@ -39,9 +39,9 @@ def advice(stage: str, precision=None) -> str:
     name = precision_name(precision)
     if name in ("fp16", "bf16"):
         if stage == "VAE decode":
-            return (f"{name} overflowed in the VAE decoder: decode with an fp32 VAE (--dtype fp32, or "
-                    "--precision fp32 for exported artifacts)")
-        return f"{name} overflowed: run in fp32 (--dtype fp32, or --precision fp32 for exported artifacts)"
+            return (f"{name} overflowed in the VAE decoder: decode with an fp32 VAE (--precision fp32, "
+                    "for exported artifacts an fp32 vae_decoder)")
+        return f"{name} overflowed: run in fp32 (--precision fp32)"
     where = f" in {name}" if name else ""
     return (f"this happened{where}: check the weights and inputs; if the engines run in fp16 "
             "(--precision fp16), try --precision fp32")

@@ -56,7 +56,7 @@ def test_check_finite_passes_finite_and_names_stage():
 
 def test_advice_names_fp32_for_reduced_precision():
     assert "fp32 VAE" in advice("VAE decode", torch.float16)
-    assert "--dtype fp32" in advice("refinement stage", torch.bfloat16)
+    assert "--precision fp32" in advice("refinement stage", torch.bfloat16)
     assert "fp32 VAE" not in advice("VAE decode", torch.float32)
     with pytest.raises(NonFiniteError, match="fp16 overflowed in the VAE decoder: decode with an fp32 VAE"):
         check_finite(torch.tensor([float("inf")], dtype=torch.float16), "VAE decode", "fp16")
