@@ -279,7 +279,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     if fused_cmp:
         parts += ["## Official-style vs minimal fusion stage (fused torch loop)", "",
                   "The official code computes the C~ branch in every fusion-stage call and discards it, and "
-                  "re-encodes ∅ and C~ at every stage call (docs/algorithm.md, "Cost per denoising step"); ours does neither. "
+                  "re-encodes ∅ and C~ at every stage call (docs/algorithm.md, 'Cost per denoising step'); ours does neither. "
                   "Both run in the same runtime loop; the last column checks they give the same image.", "",
                   fused_cmp, ""]
     if results.get("scaling"):
