@@ -430,19 +430,24 @@ def save_components(pipe, path: Path, overwrite: bool = False) -> Path:
             },
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _move_into_place(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise OutputPathError(f"cannot write model to {path}: {exc}") from exc
         raise
     return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Replace ``path`` (if any) by the finished folder ``tmp`` with renames, removing the old one last."""
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def convert_model(model: str | Path, out: str | Path, promptnet_path: str | Path | None = None,
@@ -469,13 +474,7 @@ def convert_model(model: str | Path, out: str | Path, promptnet_path: str | Path
         if reloaded_meta.get("resolution") != pipe.resolution:
             raise ModelLoadError(f"conversion check failed: resolution {reloaded_meta.get('resolution')} after "
                                  f"reload, {pipe.resolution} before")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, (ModelLoadError, OutputPathError)):
