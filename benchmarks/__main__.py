@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the same as ``profusion-rt bench``."""
+"""``python -m profusion_rt.benchmarks``: the same as ``profusion-rt bench``."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``profusion-rt bench`` (also ``python -m benchmarks``): the benchmark suite against eager PyTorch."""
+"""``profusion-rt bench`` (also ``python -m profusion_rt.benchmarks``): the benchmark suite against eager PyTorch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 EPILOG = """examples:
   profusion-rt bench --quick                      # tiny preset on the CPU, about 2 minutes on 2 cores
   profusion-rt bench --quick --with-compile       # also torch.compile (minutes of compilation on a CPU)
-  profusion-rt bench --full                       # SD2-base shapes, fp16 on a GPU (python benchmarks/gpu_suite.py)
+  profusion-rt bench --full                       # SD2-base shapes, fp16 on a GPU (python -m profusion_rt.benchmarks.gpu_suite)
   profusion-rt bench --quick --backends eager,torch --steps 4 --repeats 2 --out /tmp/bench
 
 Writes results.json (machine, versions, config, every sample), results.md (tables), PNG plots and
@@ -126,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks ARGS`` is ``profusion-rt bench ARGS`` (same parser, same error handling)."""
+    """``python -m profusion_rt.benchmarks ARGS`` is ``profusion-rt bench ARGS`` (same parser, same error handling)."""
     from profusion_rt.cli import main as cli_main
 
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

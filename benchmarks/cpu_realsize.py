@@ -3,7 +3,7 @@
 SD2-base shapes (UNet, VAE, OpenCLIP ViT-H text and vision towers, the released PromptNet) with random
 weights, a few ProFusion steps (fusion stage + refinement stage each), per-step time and peak memory per
 row. Rows: fp32 eager (the reference), bf16 eager, bf16 fused torch, bf16 torch.compile, fp32 onnxruntime.
-Every row runs in a fresh interpreter (``python -m benchmarks.cpu_realsize --worker JOB``), so peak memory
+Every row runs in a fresh interpreter (``python -m profusion_rt.benchmarks.cpu_realsize --worker JOB``), so peak memory
 and thread pools are its own. Results: ``results.json`` and ``results.md`` in ``--out`` (default
 ``benchmarks/results/cpu-realsize-<cpu>/``), with the CPU model, whether it computes bf16 natively
 (:func:`profusion_rt.hardware.bf16_support`) and the load average before and after.
@@ -62,7 +62,7 @@ def random_pipeline(model: str, precision: str, seed: int = 0):
     in ``precision`` (see the module docstring)."""
     import torch
 
-    from benchmarks.models import torch_dtype
+    from profusion_rt.benchmarks.models import torch_dtype
     from profusion_rt.models.factory import build_components
     from profusion_rt.pipeline import ProFusionPipeline
     from profusion_rt.presets import get_preset
@@ -96,7 +96,7 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
     says how far it got."""
     import torch
 
-    from benchmarks.measure import peak_rss_mb
+    from profusion_rt.benchmarks.measure import peak_rss_mb
     from profusion_rt.artifacts.store import atomic_write_json
     from profusion_rt.demo import demo_reference_image
     from profusion_rt.errors import NonFiniteError
@@ -152,13 +152,13 @@ def cpu_slug(name: str) -> str:
 def default_out() -> Path:
     from profusion_rt.hardware import cpu_model
 
-    return Path(__file__).resolve().parent / "results" / f"cpu-realsize-{cpu_slug(cpu_model())}"
+    return Path("benchmarks") / "results" / f"cpu-realsize-{cpu_slug(cpu_model())}"
 
 
 def _run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    from benchmarks.runner import _worker_env, failure_reason
+    from profusion_rt.benchmarks.runner import _worker_env, failure_reason
 
-    cmd = [sys.executable, "-m", "benchmarks.cpu_realsize", "--worker", json.dumps(job)]
+    cmd = [sys.executable, "-m", "profusion_rt.benchmarks.cpu_realsize", "--worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env())
     except subprocess.TimeoutExpired:
@@ -178,9 +178,9 @@ def _export_ort(model: str, artifacts: Path, timeout: float) -> str | None:
     """Export the two fp32 stage graphs of the row's random weights (in a child process); None when done,
     else the reason."""
     job = {"export": True, "model": model, "artifacts": str(artifacts)}
-    from benchmarks.runner import _worker_env, failure_reason
+    from profusion_rt.benchmarks.runner import _worker_env, failure_reason
 
-    cmd = [sys.executable, "-m", "benchmarks.cpu_realsize", "--worker", json.dumps(job)]
+    cmd = [sys.executable, "-m", "profusion_rt.benchmarks.cpu_realsize", "--worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env())
     except subprocess.TimeoutExpired:
@@ -193,7 +193,7 @@ def run_benchmark(model: str = "sd2-base", steps: int = 2, rows: list[str] | Non
                   with_onnxruntime: bool = False, row_timeout_s: float | None = None,
                   log=print) -> dict[str, Any]:
     """Run the rows (keys of :data:`ROW_KEYS`, default all) and write results.json and results.md."""
-    from benchmarks.measure import load_average, machine_info, versions
+    from profusion_rt.benchmarks.measure import load_average, machine_info, versions
     from profusion_rt.artifacts.store import atomic_write_bytes, atomic_write_json
     from profusion_rt.errors import InvalidParameterError
     from profusion_rt.hardware import bf16_support
@@ -323,7 +323,7 @@ def _worker_main(job: dict[str, Any]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if job.get("export"):
-            from export.cache import export_artifacts
+            from profusion_rt.export.cache import export_artifacts
 
             pipe = random_pipeline(job["model"], "fp32")
             export_artifacts(pipe, job["artifacts"], graphs=["fusion_stage", "refinement_stage"], validate=False)

@@ -433,7 +433,7 @@ class Doctor:
                 "latent_max_rel": p.latent_max_rel}
 
     def export_stages(self, name: str, **options) -> Path:
-        from export.cache import export_artifacts
+        from profusion_rt.export.cache import export_artifacts
 
         from profusion_rt.runtime.backends import STAGE_GRAPHS
 

@@ -10,10 +10,10 @@ once per call, and the cost-of-fusion / official-vs-minimal comparisons at 20 st
 process runs a batch / steps / resolution sweep at 20 steps.
 
 On a GPU machine that lacks some of the project's pure-Python dependencies (diffusers; matplotlib is
-optional, without it the plots are drawn afterwards with ``python -m benchmarks.report <folder>``), download
+optional, without it the plots are drawn afterwards with ``python -m profusion_rt.benchmarks.report <folder>``), download
 their wheels elsewhere into ``.whl`` and install them there first (``benchmarks/README.md``, "The GPU run")::
 
-    python benchmarks/gpu_suite.py --out $OUT/gpu --budget-s 420
+    python -m profusion_rt.benchmarks.gpu_suite --out $OUT/gpu --budget-s 420
 
 and commit ``results.json`` / ``results.md`` from ``$OUT/gpu`` under ``benchmarks/results/<gpu-tag>/``.
 Without CUDA the script prints a message and exits 0; ``--device cpu --model tiny`` dry-runs it here.
@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the repository root
 
 
 def config(args: argparse.Namespace):
-    from benchmarks.suite import SuiteConfig
+    from profusion_rt.benchmarks.suite import SuiteConfig
 
     steps = args.steps
     return SuiteConfig.full(
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}",
               flush=True)
-    from benchmarks.suite import run_suite
+    from profusion_rt.benchmarks.suite import run_suite
 
     start = time.perf_counter()
     results = run_suite(config(args), log=lambda line: print(line, flush=True))

@@ -12,7 +12,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+#: default output folders are relative to the working directory
+ROOT = Path(".")
 PLOTS = ("e2e.png", "stages.png", "comparisons.png", "scaling.png")
 
 
@@ -302,7 +303,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
 
 def snippet(results: dict[str, Any], out: Path, plots: list[str]) -> str:
     try:
-        rel = out.resolve().relative_to(ROOT).as_posix() + "/"
+        rel = out.resolve().relative_to(ROOT.resolve()).as_posix() + "/"
     except ValueError:
         rel = ""
     parts = [f"### Benchmarks (`{results.get('machine_tag', '')}`)", "", machine_line(results), "",
@@ -448,7 +449,7 @@ def write_all(results: dict[str, Any], out: Path, plots: bool = True) -> list[Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.report FOLDER``: redraw results.md, snippet.md and the plots of a results
+    """``python -m profusion_rt.benchmarks.report FOLDER``: redraw results.md, snippet.md and the plots of a results
     folder from its results.json (e.g. a GPU run recorded on a machine without matplotlib)."""
     import argparse
 

@@ -35,10 +35,9 @@ class BackendResult:
 
 
 def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    """The worker's environment: this process's (workers start with ``-m profusion_rt.benchmarks.worker``
+    from the installed package, so no search-path edits are needed)."""
+    return dict(os.environ)
 
 
 def failure_reason(stderr: str, returncode: int | None) -> str:
@@ -70,7 +69,7 @@ def _load_result(job: dict[str, Any], name: str) -> BackendResult:
 def run_in_subprocess(job: dict[str, Any], timeout: float = 1800.0) -> BackendResult:
     """Run ``benchmarks.worker`` on ``job`` in a fresh interpreter."""
     name = job.get("name", job["backend"])
-    cmd = [sys.executable, "-m", "benchmarks.worker", "--job", json.dumps(job)]
+    cmd = [sys.executable, "-m", "profusion_rt.benchmarks.worker", "--job", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env())
     except subprocess.TimeoutExpired:
@@ -97,7 +96,7 @@ class WorkerSession:
         self.name = job.get("name", job["backend"])
         self._prefix = PROTOCOL_PREFIX
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "benchmarks.worker", "--serve", "--job", json.dumps(job)]
+        cmd = [sys.executable, "-m", "profusion_rt.benchmarks.worker", "--serve", "--job", json.dumps(job)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                      text=True, env=_worker_env(), bufsize=1)
         self._replies: queue.Queue = queue.Queue()

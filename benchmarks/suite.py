@@ -31,7 +31,8 @@ from .measure import load_average, machine_info, machine_tag, versions
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+#: default output folders are relative to the working directory
+ROOT = Path(".")
 DEMO_PROMPT = "a {S*} wearing sunglasses, oil painting"
 
 #: Every row of the end-to-end table, in order: name -> how the worker runs it.
@@ -133,7 +134,7 @@ class SuiteConfig:
 def _rel(path: Path) -> str:
     """``path`` relative to the repository when inside it (results stay comparable across checkouts)."""
     try:
-        return Path(path).resolve().relative_to(ROOT).as_posix()
+        return Path(path).resolve().relative_to(ROOT.resolve()).as_posix()
     except ValueError:
         return str(path)
 
@@ -240,7 +241,7 @@ def _export(cfg: SuiteConfig, reasons: dict[str, str]) -> tuple[dict[str, Any], 
     need_trt = not reasons.get("tensorrt")
     import torch
 
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
 
     from .models import build_pipeline
 

@@ -1,4 +1,4 @@
-"""Run ONE backend in this process and write its outputs and timings (``python -m benchmarks.worker``).
+"""Run ONE backend in this process and write its outputs and timings (``python -m profusion_rt.benchmarks.worker``).
 
 Each backend is measured in its own process: torch's OpenMP pool and onnxruntime's thread pool disturb
 each other when they share one. The job is a JSON object (``--job``); the worker writes

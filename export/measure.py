@@ -1,5 +1,5 @@
 """Measure export time, peak memory and artifact sizes for one preset (random weights), one graph per
-process: ``python -m export.measure --preset sd2-base --graphs unet,fusion_stage --out /tmp/sd2``.
+process: ``python -m profusion_rt.export.measure --preset sd2-base --graphs unet,fusion_stage --out /tmp/sd2``.
 
 Not a test: full-size graphs take minutes and gigabytes. To keep the peak memory down, the networks a
 graph does not use are moved to the meta device after the model hash is computed, and a watchdog ends
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         return 0
     rc = 0
     for graph in args.graphs.split(","):
-        cmd = [sys.executable, "-m", "export.measure", *(argv or sys.argv[1:]), "--graph", graph]
+        cmd = [sys.executable, "-m", "profusion_rt.export.measure", *(argv or sys.argv[1:]), "--graph", graph]
         rc |= subprocess.call(cmd)
     return rc
 

@@ -348,8 +348,8 @@ def _extra_parsers():
     import importlib
 
     found = []
-    for module in ("profusion_rt.training.cli", "export.cli", "profusion_rt.runtime.cli",
-                   "benchmarks.cli", "benchmarks.cpu_realsize", "profusion_rt.serve_cli",
+    for module in ("profusion_rt.training.cli", "profusion_rt.export.cli", "profusion_rt.runtime.cli",
+                   "profusion_rt.benchmarks.cli", "profusion_rt.benchmarks.cpu_realsize", "profusion_rt.serve_cli",
                    "profusion_rt.evaluation.cli"):
         try:
             mod = importlib.import_module(module)

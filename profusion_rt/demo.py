@@ -44,7 +44,7 @@ def demo_reference_image():
 
 
 def export_demo_artifacts(pipe, root: Path) -> list:
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
 
     from .runtime.artifact_pipeline import REQUIRED_GRAPHS
 
@@ -75,7 +75,7 @@ def run_interleaved(jobs: dict[str, dict], repeats: int, log=print) -> dict[str,
     """Every job in its own live worker process (``benchmarks.worker --serve``), only one active at a time:
     each one's first (warm-up) call, then ``repeats`` rounds of one timed call per backend in a rotating
     order, so a change in machine load during the demo hits every backend alike. Returns name -> row."""
-    from benchmarks.runner import WorkerError, WorkerSession
+    from profusion_rt.benchmarks.runner import WorkerError, WorkerSession
 
     results: dict[str, dict] = {}
     live: dict[str, WorkerSession] = {}

@@ -4,7 +4,7 @@ Default run: the photo + 31 augmentations (border fill), 100 iterations at batch
 CPU, outputs (full model folder + delta) written to a temporary folder. Prints the wall time of each phase
 and of the whole job (the model build is reported separately: it is not part of customizing).
 
-    PYTHONPATH=. python benchmarks/training/bench_customize.py [--threads N] [--steps 100] [--repeats 1]
+    python -m profusion_rt.benchmarks.training.bench_customize [--threads N] [--steps 100] [--repeats 1]
 
 On a shared machine use ``--threads 1``: torch's thread pool oversubscribes busy cores badly.
 """

@@ -12,7 +12,7 @@ Without CUDA it prints a message and exits 0. ``--budget-s`` stops the iteration
 if they would not fit the lent machine's time.
 
 On a GPU machine without diffusers: install its wheels first (``benchmarks/README.md``, "The GPU run"),
-then run ``python benchmarks/training/gpu_customize.py``.
+then run ``python -m profusion_rt.benchmarks.training.gpu_customize``.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def stage_artifacts(pipe, artifacts: str | Path | None, needed: bool) -> Iterato
     if artifacts is not None or not needed:
         yield None if artifacts is None else Path(artifacts)
         return
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
 
     with tempfile.TemporaryDirectory(prefix="profusion-eval-artifacts-") as tmp:
         logger.warning("no --artifacts: exporting the two stage graphs to a temporary folder for onnxruntime")

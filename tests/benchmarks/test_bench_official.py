@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.costs import NetworkFlops, unet_evals_per_step
-from benchmarks.official import official_runtime, official_stage_modules, stage_inputs_from_request
+from profusion_rt.benchmarks.costs import NetworkFlops, unet_evals_per_step
+from profusion_rt.benchmarks.official import official_runtime, official_stage_modules, stage_inputs_from_request
 
 PROMPT = "a {S*} wearing sunglasses"
 
@@ -78,7 +78,7 @@ def test_unet_evals_per_step_follow_profusion_section_7():
 
 
 def test_preset_at_resolution_keeps_one_token(tiny_pipe):
-    from benchmarks.models import build_pipeline
+    from profusion_rt.benchmarks.models import build_pipeline
 
     pipe = build_pipeline("tiny", resolution=128)
     assert pipe.resolution == 128 and pipe.latent_shape == (4, 16, 16)

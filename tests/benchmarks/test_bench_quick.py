@@ -11,7 +11,7 @@ import pytest
 
 def test_quick_like_run_writes_the_three_outputs(tmp_path):
     pytest.importorskip("matplotlib")
-    from benchmarks.suite import SuiteConfig, run_suite
+    from profusion_rt.benchmarks.suite import SuiteConfig, run_suite
 
     cfg = SuiteConfig.quick(
         backends=("eager", "torch"), steps=2, repeats=1, threads=1,
@@ -62,7 +62,7 @@ def test_quick_like_run_writes_the_three_outputs(tmp_path):
 def test_cli_config_quick_and_full(monkeypatch):
     import argparse
 
-    from benchmarks.cli import add_arguments, config_from_args
+    from profusion_rt.benchmarks.cli import add_arguments, config_from_args
     from profusion_rt.errors import InvalidParameterError
 
     parser = argparse.ArgumentParser()
@@ -88,7 +88,7 @@ def test_reasons_on_this_machine():
     """Rows that cannot run here say why (never numbers): CUDA graphs need CUDA, compile needs the flag."""
     import torch
 
-    from benchmarks.suite import SuiteConfig, row_reasons
+    from profusion_rt.benchmarks.suite import SuiteConfig, row_reasons
 
     reasons = row_reasons(SuiteConfig.quick())
     assert reasons["eager"] == "" and reasons["torch"] == ""
@@ -106,7 +106,7 @@ def test_worker_keeps_the_demo_job_format(tmp_path, monkeypatch):
     """The demo's job (no ``tasks``) still measures end to end and writes <name>.npz and <name>.json."""
     import numpy as np
 
-    from benchmarks.worker import run_job
+    from profusion_rt.benchmarks.worker import run_job
 
     job = {"backend": "torch", "name": "torch", "model": "tiny", "artifacts": None,
            "request": {"prompt": "a {S*} wearing sunglasses", "num_inference_steps": 2, "seed": 0, "fusion_steps": 1},

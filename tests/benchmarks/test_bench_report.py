@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks.report import fmt_num, fmt_si, write_all
+from profusion_rt.benchmarks.report import fmt_num, fmt_si, write_all
 
 
 def _stats(median, lo=None, hi=None):

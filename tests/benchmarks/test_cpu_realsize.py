@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import cpu_realsize
+from profusion_rt.benchmarks import cpu_realsize
 from profusion_rt.cli import main
 from profusion_rt.errors import InvalidParameterError
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from benchmarks import doctor
+from profusion_rt.benchmarks import doctor
 from profusion_rt.cli import main
 from profusion_rt.hardware import bf16_support, native_bf16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.suite import SuiteConfig, artifact_precision, export_for, make_job
+from profusion_rt.benchmarks.suite import SuiteConfig, artifact_precision, export_for, make_job
 
 
 def test_artifact_rows_load_the_float32_pipeline_whatever_the_precision(tmp_path):

@@ -18,7 +18,7 @@ SHARED_OPTIONS = dict(exporter="legacy", batch=1, dynamic_batch=(1, 4), validate
 @pytest.fixture(scope="session")
 def tiny_export(tiny_pipe, tmp_path_factory):
     """(root, builder, {graph: GraphReport}) of every graph exported from the tiny pipeline."""
-    from export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     root = tmp_path_factory.mktemp("artifacts")
     builder = ArtifactBuilder(tiny_pipe, root, ExportOptions(**SHARED_OPTIONS))

@@ -19,7 +19,7 @@ GRAPH = "text_encoder_placeholder"  # the smallest graph: exports in about a sec
 
 
 def _builder(pipe, root, digest=None, **overrides):
-    from export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     options = dict(exporter="legacy", validate=True)
     options.update(overrides)

@@ -71,7 +71,7 @@ def test_onnx_io_matches_spec_with_symbolic_batch(tiny_export, graph):
 
 def test_batch_three_on_a_graph_exported_at_batch_one(tiny_export, tiny_pipe):
     """The UNet's batch axis stays symbolic through export and optimization (batch 3 was never seen)."""
-    from export.validate import ort_session, torch_reference
+    from profusion_rt.export.validate import ort_session, torch_reference
 
     spec = GRAPHS["unet"]
     entry = _entry(tiny_export, "unet")
@@ -85,7 +85,7 @@ def test_batch_three_on_a_graph_exported_at_batch_one(tiny_export, tiny_pipe):
 
 # -- the fused stage graphs against the eager pipeline ----------------------------------------------------
 def _run(entry, feeds):
-    from export.validate import ort_session
+    from profusion_rt.export.validate import ort_session
 
     sess = ort_session(entry.opt_onnx_path)
     return torch.from_numpy(sess.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})[0])

@@ -11,8 +11,8 @@ from profusion_rt.artifacts.store import ArtifactStore, shape_key
 
 @pytest.mark.parametrize("graph, exporter", [("text_encoder", "legacy"), ("text_encoder_placeholder", "dynamo")])
 def test_external_data_above_the_limit(tiny_pipe, tmp_path, monkeypatch, graph, exporter):
-    import export.onnx_export as onnx_export
-    from export.cache import ArtifactBuilder, ExportOptions
+    import profusion_rt.export.onnx_export as onnx_export
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 100_000)
     builder = ArtifactBuilder(tiny_pipe, tmp_path, ExportOptions(exporter=exporter, validate=True))

@@ -13,7 +13,7 @@ def test_mixed_fp16_copy_keeps_float32_islands(tiny_pipe):
     from profusion_rt.models.factory import build_unet
     from profusion_rt.presets import get_preset
 
-    from export.fp16 import Fp32GroupNorm, Fp32LayerNorm, UpcastAttnProcessor, to_mixed_fp16
+    from profusion_rt.export.fp16 import Fp32GroupNorm, Fp32LayerNorm, UpcastAttnProcessor, to_mixed_fp16
 
     cfg = dict(get_preset("tiny").unet, upcast_attention=True)
     with torch.random.fork_rng():
@@ -39,7 +39,7 @@ def test_mixed_fp16_copy_keeps_float32_islands(tiny_pipe):
 def test_fp16_graph_exports_and_validates(tiny_pipe, tmp_path, graph):
     import onnx
 
-    from export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     builder = ArtifactBuilder(tiny_pipe, tmp_path, ExportOptions(precision="fp16", exporter="legacy", validate=True))
     report = builder.run([graph], progress=False)[0]
@@ -70,7 +70,7 @@ def test_fp16_vae_decoder_computes_in_float32(tiny_pipe):
     """Finding 13: the float16 vae_decoder graph keeps float16 I/O but runs the decoder (512-wide attention
     at SD2 sizes) in float32: its weights stay float32 and its result equals the float32 decoder's up to the
     output rounding."""
-    from export.fp16 import Float32Graph, to_mixed_fp16
+    from profusion_rt.export.fp16 import Float32Graph, to_mixed_fp16
 
     module = GRAPHS["vae_decoder"].build_module(tiny_pipe)
     half = to_mixed_fp16(module)

@@ -83,7 +83,7 @@ def test_stage_graph_fuses_every_unmasked_attention(tiny_export, tiny_pipe, grap
 
 @pytest.mark.parametrize("graph", STAGES)
 def test_fused_graph_matches_the_unfused_one_and_torch(tiny_export, tiny_pipe, graph):
-    from export.validate import compare, ort_session, torch_reference
+    from profusion_rt.export.validate import compare, ort_session, torch_reference
 
     entry = _entry(tiny_export, graph)
     spec = GRAPHS[graph]
@@ -185,7 +185,7 @@ def _run(model, feeds):
 def test_the_pattern_is_fused_exactly(variant):
     import onnx
 
-    from export.ort_fusion import fuse_attention
+    from profusion_rt.export.ort_fusion import fuse_attention
 
     model = _attention_model(**variant)
     before = onnx.ModelProto()
@@ -215,7 +215,7 @@ def test_the_pattern_is_fused_exactly(variant):
     (dict(softmax_axis=2), "softmax is not over the last axis"),
 ], ids=["scale-input", "scale-overridable", "wrong-perm", "mask", "probs-used-twice", "heads-unknown", "axis"])
 def test_uncertain_patterns_are_left_alone(variant, reason):
-    from export.ort_fusion import fuse_attention
+    from profusion_rt.export.ort_fusion import fuse_attention
 
     model = _attention_model(**variant)
     before = model.SerializeToString()
@@ -288,7 +288,7 @@ def _dynamo_attention_model(*, symbolic_batch=False, key_perms=((0, 2, 1, 3), (0
 def test_the_dynamo_pattern_is_fused_exactly(symbolic_batch):
     import onnx
 
-    from export.ort_fusion import fuse_attention
+    from profusion_rt.export.ort_fusion import fuse_attention
 
     model = _dynamo_attention_model(symbolic_batch=symbolic_batch)
     before = onnx.ModelProto()
@@ -319,7 +319,7 @@ def test_the_dynamo_pattern_is_fused_exactly(symbolic_batch):
 def test_dynamo_near_misses_are_left_alone(variant, reason):
     """Valid graphs one step away from the dynamo pattern (computing something else, or needing a tensor
     the fused node would remove): left byte for byte."""
-    from export.ort_fusion import fuse_attention
+    from profusion_rt.export.ort_fusion import fuse_attention
 
     model = _dynamo_attention_model(**variant)
     before = model.SerializeToString()
@@ -330,7 +330,7 @@ def test_dynamo_near_misses_are_left_alone(variant, reason):
 
 # -- the export stage and its cache ----------------------------------------------------------------------
 def _builder(pipe, root, **overrides):
-    from export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     options = dict(exporter="legacy", validate=True)
     options.update(overrides)
@@ -348,7 +348,7 @@ def _flip_a_byte(path):
 
 
 def test_the_stage_is_recorded_cached_and_rebuilt(tiny_pipe, tmp_path, monkeypatch):
-    import export.ort_fusion as ort_fusion
+    import profusion_rt.export.ort_fusion as ort_fusion
 
     builder = _builder(tiny_pipe, tmp_path)
     first = builder.run(["fusion_stage"], progress=False)[0]
@@ -390,7 +390,7 @@ def test_the_stage_is_recorded_cached_and_rebuilt(tiny_pipe, tmp_path, monkeypat
 def test_the_fused_model_shares_the_external_data_file(tiny_pipe, tmp_path, monkeypatch):
     import onnx
 
-    import export.onnx_export as onnx_export
+    import profusion_rt.export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 100_000)
     report = _builder(tiny_pipe, tmp_path, dynamic_batch=(1, 2)).run(["refinement_stage"], progress=False)[0]
@@ -418,7 +418,7 @@ def test_dynamo_stage_graphs_fuse_every_unmasked_attention(tiny_pipe, tmp_path, 
     import onnx
     import torch
 
-    from export.validate import compare, ort_session, torch_reference
+    from profusion_rt.export.validate import compare, ort_session, torch_reference
 
     report = _builder(tiny_pipe, tmp_path, exporter="dynamo", dynamic_batch=dynamic_batch).run(
         [graph], progress=False)[0]

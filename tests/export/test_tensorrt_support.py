@@ -12,7 +12,7 @@ from profusion_rt.errors import BackendUnavailableError, InvalidParameterError
 
 pytest.importorskip("polygraphy")
 
-from export import tensorrt as trt_export  # noqa: E402
+from profusion_rt.export import tensorrt as trt_export  # noqa: E402
 
 DIMS = {"L": 77, "D": 64, "N": 1, "T": 17, "V": 64, "C": 4, "h": 32, "w": 32, "H": 256, "W": 256, "S": 4}
 H100 = trt_export.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
@@ -125,7 +125,7 @@ def test_plan_compatibility_check(tmp_path):
 def test_missing_tensorrt_is_a_clear_error(tiny_pipe, tmp_path):
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
         trt_export.require_tensorrt()
-    from export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     builder = ArtifactBuilder(tiny_pipe, tmp_path, ExportOptions(backend="tensorrt", precision="fp16",
                                                                  exporter="legacy"))
@@ -141,7 +141,7 @@ def test_build_and_validate_a_plan(tiny_pipe, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT plans need a CUDA GPU")
-    from export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     builder = ArtifactBuilder(tiny_pipe, tmp_path, ExportOptions(backend="tensorrt", precision="fp16",
                                                                  exporter="legacy", validate=True))

@@ -175,7 +175,7 @@ def test_cli_unknown_preset(capsys, tmp_path):
 
 
 def test_cli_subprocess_missing_image(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, "-m", "profusion_rt", "generate", "--image", str(tmp_path / "missing.png"),
          "--prompt", "a {S*}", "--out", str(tmp_path / "out.png")],

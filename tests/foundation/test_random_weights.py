@@ -57,7 +57,7 @@ def test_generate_announces_once_and_writes_metadata(tmp_path, reference_png, ca
 
 
 def test_export_announces_once(tmp_path, caplog, monkeypatch):
-    import export.cache
+    import profusion_rt.export.cache
 
     monkeypatch.setattr(export.cache.ArtifactBuilder, "run", lambda self, *a, **k: [])
     with caplog.at_level(logging.WARNING):

@@ -34,7 +34,7 @@ def perturbed_delta():
 def stage_artifacts(tiny_pipe, tmp_path_factory):
     """The shared tiny pipeline's two stage graphs, exported once per session (legacy exporter: fast;
     symbolic batch 1..4; model.ort.onnx with fused attention beside model.opt.onnx). Read-only."""
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
 
     root = tmp_path_factory.mktemp("stage-artifacts")
     export_artifacts(tiny_pipe, root, graphs=["fusion_stage", "refinement_stage"], validate=False, batch=1,

@@ -132,7 +132,7 @@ def test_session_runs_on_torchs_stream_and_waits_for_another(fake_cuda, monkeypa
 @pytest.fixture(scope="module")
 def fp16_fusion_graph(tiny_pipe, tmp_path_factory):
     """The tiny pipeline's fusion stage exported at fp16 (float16 weights, float32 norms), once."""
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
     from profusion_rt.artifacts.store import model_hash
     from profusion_rt.runtime.backends import select_artifact
 

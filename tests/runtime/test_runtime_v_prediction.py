@@ -53,7 +53,7 @@ def v_artifacts(tiny_v, tmp_path_factory):
     under test: about a minute on 2 quiet CPU cores."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
 
     root = tmp_path_factory.mktemp("artifacts-v")
     export_artifacts(tiny_v, root, graphs=["fusion_stage", "refinement_stage"], validate=False, batch=1,

@@ -261,7 +261,7 @@ def test_refit_supplies_missing_weights_and_equals_the_customized_export(stage_a
     """Finding 8: after a delta, the plan's weights equal those of the customized model exported afresh; the
     weights TensorRT reports missing (fused with a changed one) were supplied; a refit that still misses
     weights fails."""
-    from export.cache import export_artifacts
+    from profusion_rt.export.cache import export_artifacts
     from profusion_rt.artifacts.store import model_hash
     from profusion_rt.runtime.backends import select_artifact
 

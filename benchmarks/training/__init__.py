@@ -1,0 +1,1 @@
+"""Training benchmarks (customization speed on CPU; the prepared GPU customization run)."""
