@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from profusion_rt.benchmarks.cli import main
 
 sys.exit(main())

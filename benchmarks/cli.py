@@ -63,15 +63,15 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(handler=cmd_bench)
-    from .doctor import register as register_doctor
+    from profusion_rt.benchmarks.doctor import register as register_doctor
 
     register_doctor(subparsers)  # profusion-rt doctor (benchmarks/doctor.py)
 
 
 def config_from_args(args: argparse.Namespace):
-    from profusion_rt.errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
-    from .suite import SuiteConfig
+    from profusion_rt.benchmarks.suite import SuiteConfig
 
     overrides = {}
     for key in ("model", "device", "dtype", "reference_dtype", "steps", "fusion_steps", "batch", "repeats",
@@ -108,7 +108,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .suite import run_suite
+    from profusion_rt.benchmarks.suite import run_suite
 
     cfg = config_from_args(args)
     if cfg.mode == "full" and cfg.device == "cpu":

@@ -1,5 +1,5 @@
 """FLOPs of every benchmarked call, composed from per-network counts made on the meta device
-(:func:`profusion_rt.flops.count_network_costs`: ``torch.utils.flop_counter``, no weights, instant).
+(:func:`profusion_rt.models.flops.count_network_costs`: ``torch.utils.flop_counter``, no weights, instant).
 
 Only the networks are counted (convolutions, matmuls, attention); guidance and DDIM arithmetic are
 elementwise and negligible. Network costs are linear in the batch, so they are counted at batch 1 and
@@ -41,9 +41,9 @@ class NetworkFlops:
 
     @classmethod
     def count(cls, model: str = "tiny", resolution: int | None = None) -> "NetworkFlops | None":
-        from profusion_rt.flops import count_network_costs
+        from profusion_rt.models.flops import count_network_costs
 
-        from .models import meta_components
+        from profusion_rt.benchmarks.models import meta_components
 
         built = meta_components(model, resolution)
         if built is None:
@@ -54,7 +54,7 @@ class NetworkFlops:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "NetworkFlops":
-        from profusion_rt.flops import count_network_costs
+        from profusion_rt.models.flops import count_network_costs
 
         costs = {c.name: c.flops for c in count_network_costs(pipe.components(), pipe.resolution, batch=1)}
         return cls(**costs)

@@ -6,7 +6,7 @@ row. Rows: fp32 eager (the reference), bf16 eager, bf16 fused torch, bf16 torch.
 Every row runs in a fresh interpreter (``python -m profusion_rt.benchmarks.cpu_realsize --worker JOB``), so peak memory
 and thread pools are its own. Results: ``results.json`` and ``results.md`` in ``--out`` (default
 ``benchmarks/results/cpu-realsize-<cpu>/``), with the CPU model, whether it computes bf16 natively
-(:func:`profusion_rt.hardware.bf16_support`) and the load average before and after.
+(:func:`profusion_rt.core.hardware.bf16_support`) and the load average before and after.
 
 Weights are built on the meta device and filled in place in the row's dtype (normal, std 1/sqrt(fan-in);
 norm scales near 1, biases near 0): seconds instead of the minutes of the presets' CPU initialisation,
@@ -65,7 +65,7 @@ def random_pipeline(model: str, precision: str, seed: int = 0):
     from profusion_rt.benchmarks.models import torch_dtype
     from profusion_rt.models.factory import build_components
     from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.presets import get_preset
+    from profusion_rt.core.presets import get_preset
 
     preset = get_preset(model)
     components = build_components(preset, device="meta")
@@ -99,7 +99,7 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
     from profusion_rt.benchmarks.measure import peak_rss_mb
     from profusion_rt.artifacts.store import atomic_write_json
     from profusion_rt.demo import demo_reference_image
-    from profusion_rt.errors import NonFiniteError
+    from profusion_rt.core.errors import NonFiniteError
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -150,7 +150,7 @@ def cpu_slug(name: str) -> str:
 
 
 def default_out() -> Path:
-    from profusion_rt.hardware import cpu_model
+    from profusion_rt.core.hardware import cpu_model
 
     return Path("benchmarks") / "results" / f"cpu-realsize-{cpu_slug(cpu_model())}"
 
@@ -195,8 +195,8 @@ def run_benchmark(model: str = "sd2-base", steps: int = 2, rows: list[str] | Non
     """Run the rows (keys of :data:`ROW_KEYS`, default all) and write results.json and results.md."""
     from profusion_rt.benchmarks.measure import load_average, machine_info, versions
     from profusion_rt.artifacts.store import atomic_write_bytes, atomic_write_json
-    from profusion_rt.errors import InvalidParameterError
-    from profusion_rt.hardware import bf16_support
+    from profusion_rt.core.errors import InvalidParameterError
+    from profusion_rt.core.hardware import bf16_support
 
     if steps < 1:
         raise InvalidParameterError("--steps must be at least 1")
@@ -318,7 +318,7 @@ def cmd_bench_cpu(args: argparse.Namespace) -> int:
 
 def _worker_main(job: dict[str, Any]) -> int:
     from profusion_rt.artifacts.store import atomic_write_json
-    from profusion_rt.errors import ProFusionError
+    from profusion_rt.core.errors import ProFusionError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -130,7 +130,7 @@ class Timed:
 
 
 def _sync_fn(device):
-    from .measure import make_sync
+    from profusion_rt.benchmarks.measure import make_sync
 
     return make_sync(device)
 
@@ -155,9 +155,9 @@ def environment(device) -> dict[str, Any]:
     """Versions and hardware: torch, CUDA, cuDNN, onnxruntime (+ providers), TensorRT, polygraphy, CPU, bf16."""
     import torch
 
-    from profusion_rt.hardware import bf16_support
+    from profusion_rt.core.hardware import bf16_support
 
-    from .measure import machine_info, versions
+    from profusion_rt.benchmarks.measure import machine_info, versions
 
     env: dict[str, Any] = {"versions": versions(), "machine": machine_info(device)}
     env["torch"] = torch.__version__
@@ -341,7 +341,7 @@ class Doctor:
         from profusion_rt.runtime import create_runtime
         from profusion_rt.runtime.parity import compare
 
-        from .worker import _runtime_generate, make_generate
+        from profusion_rt.benchmarks.worker import _runtime_generate, make_generate
 
         # the first two references (the others are computed when a backend reaches them)
         a, b = (self.reference(*key) for key in REQUESTS[:2])
@@ -368,7 +368,7 @@ class Doctor:
 
         from profusion_rt.runtime import create_runtime
 
-        from .worker import _runtime_generate
+        from profusion_rt.benchmarks.worker import _runtime_generate
 
         label = "torch-compile+cuda-graph" if self.kind == "cuda" else "torch-compile"
         runtime = create_runtime(self.pipe, "torch-compile")
@@ -400,12 +400,12 @@ class Doctor:
     def check_sd2_fp16(self) -> dict[str, Any]:
         import torch
 
-        from profusion_rt.finite import check_finite
+        from profusion_rt.core.finite import check_finite
         from profusion_rt.runtime import create_runtime
         from profusion_rt.runtime.parity import compare
 
-        from .models import build_pipeline
-        from .worker import _runtime_generate, make_generate
+        from profusion_rt.benchmarks.models import build_pipeline
+        from profusion_rt.benchmarks.worker import _runtime_generate, make_generate
 
         pipe = build_pipeline("sd2-base", str(self.device), "fp16", seed=0)
         request = self.request(0, SD2_STEPS)
@@ -447,7 +447,7 @@ class Doctor:
     def check_onnxruntime(self) -> dict[str, Any]:
         from profusion_rt.runtime import create_runtime
 
-        from .worker import _runtime_generate
+        from profusion_rt.benchmarks.worker import _runtime_generate
 
         import torch
 
@@ -462,7 +462,7 @@ class Doctor:
     def check_tensorrt(self) -> dict[str, Any]:
         from profusion_rt.runtime import create_runtime
 
-        from .worker import _runtime_generate
+        from profusion_rt.benchmarks.worker import _runtime_generate
 
         root = self.export_stages("tensorrt", backend="tensorrt", precision="fp16")
         runtime = create_runtime(self.pipe, "tensorrt", artifacts=root, precision="fp16")
@@ -612,7 +612,7 @@ class Doctor:
     def timing_table(self) -> list[dict[str, Any]]:
         """Every kept backend: one untimed call, then ``timing_repeats`` timed calls; per-step ms (loop) and
         end to end, vs the same configuration's eager row. Rows that do not fit the budget say so."""
-        from .measure import summarize
+        from profusion_rt.benchmarks.measure import summarize
 
         rows: list[dict[str, Any]] = []
         if not self.timed:
@@ -743,7 +743,7 @@ def register(subparsers) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
-    from profusion_rt.errors import BackendUnavailableError, InvalidParameterError, OutputPathError
+    from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError, OutputPathError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -22,8 +22,8 @@ def preset_at_resolution(name: str, resolution: int | None = None):
     conv gets kernel = stride = (latent side / region kernel) so that its token head still collapses to ONE
     token S* (the release's 8 for SD2-base at 512 px, the tiny preset's 4 at 256 px). Resolutions must be
     multiples of 8 x the region kernel (64 px for both presets)."""
-    from profusion_rt.errors import InvalidParameterError
-    from profusion_rt.presets import get_preset
+    from profusion_rt.core.errors import InvalidParameterError
+    from profusion_rt.core.presets import get_preset
 
     preset = get_preset(name)
     if resolution is None or int(resolution) == preset.resolution:
@@ -56,7 +56,7 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
     dev = torch.device(device)
     if Path(model).is_dir():
         if resolution is not None:
-            from profusion_rt.errors import InvalidParameterError
+            from profusion_rt.core.errors import InvalidParameterError
 
             raise InvalidParameterError("a resolution override needs a preset, not a model folder")
         return load_pipeline(model, None, device, dtype, seed)

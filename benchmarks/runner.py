@@ -90,7 +90,7 @@ class WorkerSession:
     :func:`run_in_subprocess`. Always :meth:`close` (or use as a context manager)."""
 
     def __init__(self, job: dict[str, Any], timeout: float = 600.0):
-        from .worker import PROTOCOL_PREFIX
+        from profusion_rt.benchmarks.worker import PROTOCOL_PREFIX
 
         self.job = job
         self.name = job.get("name", job["backend"])

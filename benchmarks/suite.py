@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .costs import NetworkFlops, achieved, unet_evals_per_step
-from .measure import load_average, machine_info, machine_tag, versions
+from profusion_rt.benchmarks.costs import NetworkFlops, achieved, unet_evals_per_step
+from profusion_rt.benchmarks.measure import load_average, machine_info, machine_tag, versions
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _export(cfg: SuiteConfig, reasons: dict[str, str]) -> tuple[dict[str, Any], 
 
     from profusion_rt.export.cache import export_artifacts
 
-    from .models import build_pipeline
+    from profusion_rt.benchmarks.models import build_pipeline
 
     info: dict[str, Any] = {"root": _rel(cfg.artifacts), "graphs": {}}
     try:
@@ -317,8 +317,8 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
 
     from profusion_rt.runtime.parity import compare
 
-    from .report import write_all
-    from .runner import WorkerError, WorkerSession
+    from profusion_rt.benchmarks.report import write_all
+    from profusion_rt.benchmarks.runner import WorkerError, WorkerSession
 
     t_start = time.perf_counter()
     out = Path(cfg.out or ROOT / "benchmarks" / "results" / machine_tag(cfg.device))
@@ -485,7 +485,7 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
 
 def _request(live: dict, name: str, cmd: dict, timeout: float, drop) -> bool:
     """Send ``cmd`` to worker ``name``; on failure the row is dropped with the reason."""
-    from .runner import WorkerError
+    from profusion_rt.benchmarks.runner import WorkerError
 
     try:
         live[name].request(cmd, timeout=timeout)
@@ -497,13 +497,13 @@ def _request(live: dict, name: str, cmd: dict, timeout: float, drop) -> bool:
 
 def _write_progress(out: Path, results: dict, rows: dict) -> None:
     """The raw worker results so far (a run cut short by a time limit keeps what it measured)."""
-    from .report import write_json
+    from profusion_rt.benchmarks.report import write_json
 
     write_json({**results, "partial": True, "rows": rows}, out / "progress.json")
 
 
 def _resolution(model: str) -> int | None:
-    from profusion_rt.presets import get_preset, preset_names
+    from profusion_rt.core.presets import get_preset, preset_names
 
     return get_preset(model).resolution if model in preset_names() else None
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .measure import current_rss_mb, machine_info, peak_rss_mb, summarize, time_calls, versions
+from profusion_rt.benchmarks.measure import current_rss_mb, machine_info, peak_rss_mb, summarize, time_calls, versions
 
 PHASES = ("total_s", "prepare_s", "loop_s", "decode_s", "cpu_s")
 
@@ -56,7 +56,7 @@ def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
         pipe = load_pipeline(job.get("model", "tiny"), None, device, job.get("dtype", "fp32"),
                              job.get("weights_seed", 0))
     else:
-        from .models import build_pipeline
+        from profusion_rt.benchmarks.models import build_pipeline
 
         pipe = build_pipeline(job.get("model", "tiny"), device, job.get("dtype", "fp32"),
                               job.get("weights_seed", 0), resolution)
@@ -161,7 +161,7 @@ def task_stages(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
     on a shared machine hits every stage alike."""
     import torch
 
-    from .costs import STAGES, TORCH_ONLY
+    from profusion_rt.benchmarks.costs import STAGES, TORCH_ONLY
 
     opts = dict(job.get("stages") or {})
     warmup, repeats = int(opts.get("warmup", 2)), max(int(opts.get("repeats", 7)), 1)
@@ -212,7 +212,7 @@ def _torch_stage_call(pipe, graph: str, batch: int, prompt: str):
     from profusion_rt.artifacts.specs import get_graph
 
     if graph in ("fusion_stage_official", "refinement_stage_official"):
-        from .official import official_stage_modules
+        from profusion_rt.benchmarks.official import official_stage_modules
 
         fusion, refinement = official_stage_modules(pipe, prompt)
         module = fusion if graph.startswith("fusion") else refinement
@@ -230,7 +230,7 @@ def _ort_stage_call(pipe, job: dict[str, Any], graph: str, batch: int):
 
     from profusion_rt.artifacts.specs import get_graph, torch_dtype
     from profusion_rt.artifacts.store import model_hash
-    from profusion_rt.errors import ModelLoadError
+    from profusion_rt.core.errors import ModelLoadError
     from profusion_rt.runtime.backends import select_artifact
     from profusion_rt.runtime.ort_engine import OrtEngine
 
@@ -259,7 +259,7 @@ def task_compare(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
     from profusion_rt.models.tokenizer import replace_placeholder
     from profusion_rt.runtime import create_runtime
 
-    from .official import official_runtime
+    from profusion_rt.benchmarks.official import official_runtime
 
     opts = dict(job.get("compare") or {})
     steps = int(opts.get("steps", job["request"].get("num_inference_steps", 10)))
@@ -370,7 +370,7 @@ class Session:
     def __init__(self, job: dict[str, Any]):
         import torch
 
-        from .measure import make_sync
+        from profusion_rt.benchmarks.measure import make_sync
 
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
@@ -408,7 +408,7 @@ class Session:
         return timing
 
     def task(self, name: str) -> Any:
-        from .measure import peak_matmul_flops
+        from profusion_rt.benchmarks.measure import peak_matmul_flops
 
         if name == "peak":
             import torch
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="answer commands on stdin (used by the suite)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from profusion_rt.errors import ProFusionError
+    from profusion_rt.core.errors import ProFusionError
 
     if args.serve:
         return serve(json.loads(args.job))

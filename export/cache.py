@@ -35,10 +35,10 @@ from profusion_rt.artifacts.specs import GRAPHS, GraphSpec, get_graph, model_dim
 from profusion_rt.artifacts.store import (FORMAT_VERSION, ONNX_FILE, OPT_ONNX_FILE, ORT_ONNX_FILE, RUNTIME_JSON,
                                           ArtifactStore, atomic_write_json, file_record, model_hash, read_manifest,
                                           shape_key, stage_key, tool_versions, verify_files, write_runtime_metadata)
-from profusion_rt.errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 
-from .onnx_export import EXPORTERS, check_opset, export_onnx, resolve_exporter
-from .validate import ValidationError
+from profusion_rt.export.onnx_export import EXPORTERS, check_opset, export_onnx, resolve_exporter
+from profusion_rt.export.validate import ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class ArtifactBuilder:
         names = list(graphs) if graphs else list(GRAPHS)
         specs = [get_graph(n) for n in names]
         if self.options.backend == "tensorrt":
-            from . import tensorrt as trt_mod
+            from profusion_rt.export import tensorrt as trt_mod
 
             trt_mod.require_tensorrt()  # fail before any work
             self._trt = (trt_mod, trt_mod.current_gpu(), trt_mod.trt_version())
@@ -233,7 +233,7 @@ class ArtifactBuilder:
             report.stages["optimize"] = "cached"
         else:
             note("optimize")
-            from .optimize import optimize_onnx
+            from profusion_rt.export.optimize import optimize_onnx
 
             self._drop(manifest, folder, ("optimize", "ort_fusion", "validation", "plans"))
             info = optimize_onnx(folder / ONNX_FILE, folder / OPT_ONNX_FILE,
@@ -249,7 +249,7 @@ class ArtifactBuilder:
 
         # 3. onnxruntime-specific graph: attention -> com.microsoft.MultiHeadAttention (model.ort.onnx)
         if spec.name in ORT_FUSION_GRAPHS:
-            from .ort_fusion import PASS_VERSION
+            from profusion_rt.export.ort_fusion import PASS_VERSION
 
             ort_key = stage_key(inputs=opt_sha, onnx=self.versions["onnx"], onnxruntime=self.versions["onnxruntime"],
                                 ort_pass=PASS_VERSION)
@@ -257,7 +257,7 @@ class ArtifactBuilder:
                 report.stages["ort_fusion"] = "cached"
             else:
                 note("ort_fusion")
-                from .ort_fusion import write_ort_model
+                from profusion_rt.export.ort_fusion import write_ort_model
 
                 self._drop(manifest, folder, ("ort_fusion", "validation"))
                 info = write_ort_model(folder / OPT_ONNX_FILE, folder / ORT_ONNX_FILE)
@@ -300,7 +300,7 @@ class ArtifactBuilder:
         module = spec.build_module(self.pipe)
         io_dtype = torch_dtype(precision_dtype(o.precision))
         if o.precision == "fp16":
-            from .fp16 import to_mixed_fp16
+            from profusion_rt.export.fp16 import to_mixed_fp16
 
             module = to_mixed_fp16(module)
         example = spec.sample_inputs(self.pipe, batch=export_batch(o), seed=0, dtype=io_dtype)
@@ -320,7 +320,7 @@ class ArtifactBuilder:
     def _validate_onnx(self, spec, folder, manifest, onnx_sha, files, report, note) -> None:
         """Validate every file of ``files`` (the optimized model, and ``model.ort.onnx`` when there is one:
         that is what onnxruntime runs) against torch on the same inputs; ``onnx_sha`` covers what they read."""
-        from .validate import validate_onnx_files
+        from profusion_rt.export.validate import validate_onnx_files
 
         o = self.options
         batches = self._validation_batches()

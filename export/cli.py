@@ -55,16 +55,16 @@ def _graph_list(text: str) -> list[str]:
     for n in names:
         get_graph(n)  # typed error for an unknown name
     if not names:
-        from profusion_rt.errors import InvalidParameterError
+        from profusion_rt.core.errors import InvalidParameterError
 
         raise InvalidParameterError("--graphs is empty; give 'all' or graph names")
     return names
 
 
 def _load(args):
-    from profusion_rt.errors import ModelLoadError
+    from profusion_rt.core.errors import ModelLoadError
     from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.presets import preset_names
+    from profusion_rt.core.presets import preset_names
 
     if Path(args.model).is_dir():
         return ProFusionPipeline.from_pretrained(args.model, promptnet_path=args.promptnet)
@@ -76,7 +76,7 @@ def _load(args):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from profusion_rt.errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     graphs = _graph_list(args.graphs)
     dynamic = None
@@ -88,8 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from .cache import ArtifactBuilder, ExportOptions
-    from .validate import ValidationError, format_table
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.validate import ValidationError, format_table
 
     options = ExportOptions(precision=args.precision, backend=args.backend, batch=args.batch,
                             dynamic_batch=dynamic, opset=args.opset, exporter=args.exporter,
@@ -97,13 +97,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                             optimization_level=args.builder_optimization_level)
     options.check()  # before loading weights
     if args.backend == "tensorrt":
-        from .tensorrt import require_tensorrt
+        from profusion_rt.export.tensorrt import require_tensorrt
 
         require_tensorrt()
 
     start = time.perf_counter()
     pipe = _load(args)
-    from profusion_rt.presets import announce_random_weights
+    from profusion_rt.core.presets import announce_random_weights
 
     announce_random_weights(pipe)
     builder = ArtifactBuilder(pipe, args.out, options)

@@ -55,7 +55,7 @@ def measure_one(args) -> dict:
     from profusion_rt.artifacts.store import model_hash
     from profusion_rt.pipeline import ProFusionPipeline
 
-    from .cache import ArtifactBuilder, ExportOptions
+    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     _watchdog(args.min_free_gb)
     t0 = time.perf_counter()

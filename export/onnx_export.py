@@ -28,7 +28,7 @@ import torch
 
 from profusion_rt.artifacts.specs import GraphSpec
 from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD, file_mode, move_into_place, staging_dir
-from profusion_rt.errors import InvalidParameterError, ProFusionError
+from profusion_rt.core.errors import InvalidParameterError, ProFusionError
 
 logger = logging.getLogger(__name__)
 

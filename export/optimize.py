@@ -15,7 +15,7 @@ from pathlib import Path
 
 from profusion_rt.artifacts.store import move_into_place, staging_dir
 
-from .onnx_export import save_model
+from profusion_rt.export.onnx_export import save_model
 
 logger = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .optimize import external_locations
+from profusion_rt.export.optimize import external_locations
 
 logger = logging.getLogger(__name__)
 

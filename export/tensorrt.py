@@ -5,7 +5,7 @@
   that is the only kind TensorRT 11 builds. ``bf16`` builds the float32 ONNX with the BF16 builder flag
   (weakly typed: TensorRT picks bf16 kernels where it can), which exists in TensorRT 10 only: TensorRT 11
   removed ``BuilderFlag.BF16`` (and every weak-typing flag), so a bf16 build there is refused with
-  :class:`~profusion_rt.errors.BackendUnavailableError` before any work. Support is feature-detected
+  :class:`~profusion_rt.core.errors.BackendUnavailableError` before any work. Support is feature-detected
   (:func:`supports_precision`), never decided from the version string.
 * Shapes: one optimization profile derived from the spec; static (min = opt = max at the export batch)
   by default, a batch range ``(min, max)`` with the export batch as optimum on request.
@@ -16,7 +16,7 @@
   for another GPU or TensorRT version.
 
 TensorRT cannot be installed on the project's CPU machines: every function that needs the library calls
-:func:`require_tensorrt` first, which raises :class:`~profusion_rt.errors.BackendUnavailableError` with
+:func:`require_tensorrt` first, which raises :class:`~profusion_rt.core.errors.BackendUnavailableError` with
 a clear message. Profile derivation, configuration assembly and cache keys need no TensorRT and are
 unit-tested; building, loading and running plans have not been executed anywhere yet.
 """
@@ -32,7 +32,7 @@ from typing import Any, Mapping
 from profusion_rt.artifacts.specs import GraphSpec
 from profusion_rt.artifacts.store import (ArtifactEntry, atomic_write_bytes, file_digest, gpu_slug, plan_filename,
                                           stage_key)
-from profusion_rt.errors import BackendUnavailableError, InvalidParameterError
+from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def profile_shapes(spec: GraphSpec, dims: Mapping[str, int], batch: int,
 
 def make_profile(shapes: Mapping[str, tuple[tuple[int, ...], ...]]):
     """A polygraphy ``Profile`` (needs polygraphy, not TensorRT)."""
-    from .optimize import polygraphy_quiet
+    from profusion_rt.export.optimize import polygraphy_quiet
 
     polygraphy_quiet()
     from polygraphy.backend.trt import Profile
@@ -157,7 +157,7 @@ def check_precision(trt, precision: str) -> None:
 def create_config(options: Mapping[str, Any], shapes: Mapping[str, tuple[tuple[int, ...], ...]],
                   timing_cache: str | Path | None = None):
     """polygraphy ``CreateConfig`` for ``options`` (from :func:`build_options`) and one profile."""
-    from .optimize import polygraphy_quiet
+    from profusion_rt.export.optimize import polygraphy_quiet
 
     polygraphy_quiet()
     from polygraphy.backend.trt import CreateConfig
@@ -204,7 +204,7 @@ def build_plan(onnx_path: Path, out_dir: Path, spec: GraphSpec, dims: Mapping[st
     trt = require_tensorrt()
     check_precision(trt, precision)  # before any work
     onnx_key = onnx_key or file_digest(onnx_path)
-    from .optimize import polygraphy_quiet
+    from profusion_rt.export.optimize import polygraphy_quiet
 
     polygraphy_quiet()
     from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
@@ -254,7 +254,7 @@ def validate_plan(spec: GraphSpec, pipe: Any, entry: ArtifactEntry, plan_name: s
     :func:`export.validate.validate_onnx`."""
     from polygraphy.backend.trt import TrtRunner
 
-    from .validate import compare, draw_inputs, fresh_seed, torch_reference
+    from profusion_rt.export.validate import compare, draw_inputs, fresh_seed, torch_reference
 
     engine = load_plan(entry, plan_name)
     seed = fresh_seed() if seed is None else int(seed)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from profusion_rt.artifacts.specs import GraphSpec, precision_dtype, torch_dtype
-from profusion_rt.errors import BackendUnavailableError, ProFusionError
+from profusion_rt.core.errors import BackendUnavailableError, ProFusionError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """profusion-rt: an optimized inference runtime for ProFusion (customized text-to-image on Stable Diffusion 2)."""
 
-from .errors import (
+from profusion_rt.core.errors import (
     BackendUnavailableError,
     ImageError,
     InvalidParameterError,
@@ -30,7 +30,7 @@ __all__ = [
 def __getattr__(name: str):
     # Importing the pipeline pulls in torch and diffusers: do it lazily.
     if name == "ProFusionPipeline":
-        from .pipeline import ProFusionPipeline
+        from profusion_rt.pipeline import ProFusionPipeline
 
         return ProFusionPipeline
     raise AttributeError(name)

@@ -1,6 +1,6 @@
 """Command-line interface: ``profusion-rt <command>``.
 
-User errors (:class:`~profusion_rt.errors.ProFusionError`) are printed as one line ``error: ...`` and the
+User errors (:class:`~profusion_rt.core.errors.ProFusionError`) are printed as one line ``error: ...`` and the
 process exits with status 2, without a traceback. Ctrl-C exits with 130.
 """
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import ProFusionError
+from profusion_rt.core.errors import ProFusionError
 
 logger = logging.getLogger("profusion_rt")
 
@@ -34,9 +34,9 @@ def _dtype(name: str):
 def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu", dtype: str = "fp32", seed: int = 0):
     """``model`` is a model folder, a preset name or a Hugging Face hub id ``org/name`` (a local folder wins;
     the hub honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN); ``promptnet`` a folder or hub id."""
-    from .models.hub import looks_like_hub_id
-    from .pipeline import ProFusionPipeline
-    from .presets import preset_names
+    from profusion_rt.models.hub import looks_like_hub_id
+    from profusion_rt.pipeline import ProFusionPipeline
+    from profusion_rt.core.presets import preset_names
 
     if Path(model).is_dir() or (model not in preset_names() and looks_like_hub_id(model)):
         return ProFusionPipeline.from_pretrained(model, promptnet_path=promptnet, device=device, dtype=_dtype(dtype))
@@ -44,12 +44,12 @@ def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu",
         raise ProFusionError("--promptnet needs --model to be a model folder or hub id")
     if model in preset_names() or "/" not in model:
         return ProFusionPipeline.from_preset(model, seed=seed, device=device, dtype=_dtype(dtype))
-    from .errors import ModelLoadError
+    from profusion_rt.core.errors import ModelLoadError
 
     raise ModelLoadError(f"model folder {model} does not exist")
 
 
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # = profusion_rt.hardware.PRECISION_CHOICES
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # = profusion_rt.core.hardware.PRECISION_CHOICES
 
 
 class DeprecatedAlias(argparse.Action):
@@ -65,7 +65,7 @@ def settle_precision(args: argparse.Namespace) -> argparse.Namespace:
     """Turn ``--precision`` (or its alias ``--dtype``) into ``args.dtype``, the weights' dtype of the loaded
     model, and ``args.precision``, the engines' precision (None: the backend's default). ``auto`` is resolved
     for the device and backend; bf16 on a CPU without native bf16 logs one warning line. Idempotent."""
-    from .hardware import resolve_precision, warn_if_emulated_bf16
+    from profusion_rt.core.hardware import resolve_precision, warn_if_emulated_bf16
 
     if getattr(args, "_precision_settled", False) or not hasattr(args, "precision"):
         return args
@@ -147,8 +147,8 @@ ARTIFACT_BACKENDS = ("onnxruntime", "tensorrt")
 def artifact_runtime(args: argparse.Namespace):
     """The runtime of ``generate --artifacts DIR --backend onnxruntime|tensorrt`` without ``--model``: every
     network from the exported graphs, no model weights."""
-    from .errors import InvalidParameterError
-    from .runtime import Runtime
+    from profusion_rt.core.errors import InvalidParameterError
+    from profusion_rt.runtime import Runtime
 
     if args.promptnet is not None:
         raise InvalidParameterError("--promptnet needs --model (a runtime from artifacts alone loads no model)")
@@ -163,7 +163,7 @@ def artifact_runtime(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate images with the eager reference pipeline, a runtime backend over a model, or a runtime from
     exported artifacts alone (``--artifacts`` with onnxruntime or tensorrt and no ``--model``)."""
-    from .image_io import load_image
+    from profusion_rt.core.image_io import load_image
 
     settle_precision(args)
     if args.image is not None:
@@ -176,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model_hash is not None:
         raise ProFusionError("--model-hash picks an exported model for a run without --model")
     pipe = load_pipeline(args.model or "tiny", args.promptnet, args.device, args.dtype, args.weights_seed)
-    from .presets import announce_random_weights
+    from profusion_rt.core.presets import announce_random_weights
 
     announce_random_weights(pipe)
     if args.backend == "eager":
@@ -184,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ProFusionError("--artifacts is used by the runtime backends; pick one with --backend")
         generate = pipe
     else:
-        from .runtime import create_runtime
+        from profusion_rt.runtime import create_runtime
 
         options = {"precision": args.precision} if args.precision else {}
         if args.threads is not None:
@@ -197,8 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_and_save(generate, args: argparse.Namespace) -> int:
-    from .image_io import save_image
-    from .presets import weights_label
+    from profusion_rt.core.image_io import save_image
+    from profusion_rt.core.presets import weights_label
 
     start = time.perf_counter()
     result = generate(output_type="pil", **sampling_kwargs(args))
@@ -216,11 +216,11 @@ def _generate_and_save(generate, args: argparse.Namespace) -> int:
 @command
 def cmd_info(args: argparse.Namespace) -> int:
     """Components, parameter counts and FLOPs per network (meta-device counting)."""
-    from .flops import count_network_costs, sample_flops
-    from .presets import get_preset, preset_names
+    from profusion_rt.models.flops import count_network_costs, sample_flops
+    from profusion_rt.core.presets import get_preset, preset_names
 
     if not Path(args.model).is_dir() and args.model in preset_names():
-        from .models.factory import build_components
+        from profusion_rt.models.factory import build_components
 
         preset = get_preset(args.model)
         components, resolution, name = build_components(preset, device="meta"), preset.resolution, args.model
@@ -230,7 +230,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     costs = count_network_costs(components, resolution)
     print(f"model: {name}   resolution: {resolution}px   text layers skipped: {components.text_skip_layers}")
     print(f"scheduler: {type(components.scheduler).__name__}   tokenizer: {type(components.tokenizer).__name__}")
-    from .hardware import bf16_support, resolve_precision
+    from profusion_rt.core.hardware import bf16_support, resolve_precision
 
     support = bf16_support()
     print(f"cpu: {support.cpu}   {support.describe()}   --precision auto on cpu: {resolve_precision('auto', 'cpu')}")
@@ -249,7 +249,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Rewrite a model (the released ProFusion layout, SD2 + PromptNet, a hub id) in our safetensors layout,
     atomically, verified by reloading it and comparing every tensor."""
-    from .models.loading import convert_model
+    from profusion_rt.models.loading import convert_model
 
     report = convert_model(args.model, args.out, promptnet_path=args.promptnet, overwrite=args.overwrite)
     for line in report["dropped"]:
@@ -262,7 +262,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @command
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job on the embedded tiny preset."""
-    from .demo import run_demo
+    from profusion_rt.demo import run_demo
 
     return run_demo(args)
 

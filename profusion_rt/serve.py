@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from .errors import (BackendUnavailableError, ImageError, InvalidParameterError, ModelLoadError, OutputPathError,
+from profusion_rt.core.errors import (BackendUnavailableError, ImageError, InvalidParameterError, ModelLoadError, OutputPathError,
                      ProFusionError, PromptError)
 
 logger = logging.getLogger(__name__)
@@ -608,7 +608,7 @@ class Scheduler:
     def base_pipeline_copy(self):
         """A deep copy of the runtime's pipeline with the base weights. Run it as a task (on the worker), so
         that no delta swap happens while the weights are copied."""
-        from .training.delta import apply_delta
+        from profusion_rt.training.delta import apply_delta
 
         pipe = copy.deepcopy(self.runtime.pipe)
         if self._current is not None:
@@ -728,9 +728,9 @@ class SubjectStore:
 
     def load(self, subject_id: str, device: torch.device, dtype: torch.dtype) -> Subject:
         """The subject with its delta and reference encoding in memory; 404 if unknown, 409 if not usable."""
-        from .pipeline import ReferenceEncoding
-        from .training.delta import load_delta
-        from .training.safeio import read
+        from profusion_rt.pipeline import ReferenceEncoding
+        from profusion_rt.training.delta import load_delta
+        from profusion_rt.training.safeio import read
 
         check_subject_id(subject_id)
         with self._lock:
@@ -958,7 +958,7 @@ def decode_image(data: bytes, config: ServeConfig):
     above ``max_pixels``, 400 if it is damaged."""
     from PIL import Image, UnidentifiedImageError
 
-    from .image_io import load_image
+    from profusion_rt.core.image_io import load_image
 
     if not data:
         raise ImageError("the image upload is empty (0 bytes)")
@@ -984,8 +984,8 @@ def check_prompt(tokenizer, prompt: str, class_word: str, max_chars: int, negati
     """The prompt rules of the server (:class:`PromptError`, 422): one ``{S*}``, at most 77 tokens (the class
     prompt too), no control characters, at most ``max_chars`` characters; a negative prompt: no ``{S*}``, at
     most 77 tokens and ``max_chars`` characters, no control characters."""
-    from .models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
-    from .pipeline import tokenize_negative_prompt
+    from profusion_rt.models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
+    from profusion_rt.pipeline import tokenize_negative_prompt
 
     if negative_prompt is not None:
         if len(negative_prompt) > max_chars:
@@ -1056,8 +1056,8 @@ class Server:
     """The state behind the app: runtime, scheduler, subjects, metrics. Build it with :func:`create_app`."""
 
     def __init__(self, runtime, config: ServeConfig):
-        from .artifacts.store import model_hash
-        from .training.delta import base_fingerprint, extract_delta
+        from profusion_rt.artifacts.store import model_hash
+        from profusion_rt.training.delta import base_fingerprint, extract_delta
 
         self.runtime, self.config = runtime, config
         self.pipe = runtime.pipe
@@ -1142,7 +1142,7 @@ class Server:
         job = Job(kwargs=kwargs, images=p.num_images, delta_key=subject.id if subject and subject.delta else None,
                   delta=subject.delta if subject else None, deadline=time.monotonic() + timeout)
         result: GenerationResult = await self._wait(request, job, start + timeout - time.perf_counter())
-        from .presets import weights_label
+        from profusion_rt.core.presets import weights_label
 
         png_text = {"weights": weights_label(self.pipe)}
         pngs = await run_in_threadpool(lambda: [_png(im, png_text) for im in result.images])
@@ -1254,8 +1254,8 @@ class Server:
 
     def _check_delta(self, path: Path):
         """Load an uploaded delta and check it fits this server's base model (422 otherwise)."""
-        from .training.delta import delta_parameters, load_delta
-        from .training.errors import DeltaMismatchError
+        from profusion_rt.training.delta import delta_parameters, load_delta
+        from profusion_rt.training.errors import DeltaMismatchError
 
         delta = load_delta(path)
         targets = delta_parameters(self.pipe)
@@ -1286,7 +1286,7 @@ class Server:
 
     def _customize(self, job: CustomizationJob, image, mode: str, seed: int, name: str | None) -> None:
         """Background: customize a base copy of the model on ``image``, then store delta + reference."""
-        from .training import TrainConfig, customize, save_delta
+        from profusion_rt.training import TrainConfig, customize, save_delta
 
         try:
             copy_job = Job(task=self.scheduler.base_pipeline_copy)
@@ -1338,7 +1338,7 @@ class Server:
             "source", "created", "name", "has_delta", "has_reference", "reference", "customize_steps")}}
 
     def health(self) -> dict[str, Any]:
-        from .presets import weights_label
+        from profusion_rt.core.presets import weights_label
 
         return {"status": "ok" if self.ready else "starting", "backend": self.runtime.backend,
                 "device": str(self.pipe.device), "model_hash": self.model_hash, "resolution": self.pipe.resolution,
@@ -1354,7 +1354,7 @@ def _json(data: dict[str, Any], status: int = 200):
 
 
 def _png(image, metadata: dict[str, str] | None = None) -> bytes:
-    from .image_io import png_info
+    from profusion_rt.core.image_io import png_info
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(metadata))

@@ -10,7 +10,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_args
+    from profusion_rt.cli import add_model_args
 
     p = subparsers.add_parser("serve", help="serve generation over HTTP (FastAPI + uvicorn)",
                               description="Serve POST /v1/generate, POST /v1/subjects, GET /healthz, GET /metrics.")
@@ -46,10 +46,10 @@ def register(subparsers) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .errors import InvalidParameterError
-    from .serve import ServeConfig
+    from profusion_rt.core.errors import InvalidParameterError
+    from profusion_rt.serve import ServeConfig
 
-    from .cli import settle_precision
+    from profusion_rt.cli import settle_precision
 
     settle_precision(args)  # --precision: the torch dtype, or the artifacts' precision for onnxruntime/tensorrt
     if not 0 <= args.port <= 65535:
@@ -70,15 +70,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from .cli import load_pipeline
-    from .runtime import create_runtime
-    from .serve import create_app
+    from profusion_rt.cli import load_pipeline
+    from profusion_rt.runtime import create_runtime
+    from profusion_rt.serve import create_app
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
     pipe.progress_bar = False
-    from .presets import announce_random_weights
+    from profusion_rt.core.presets import announce_random_weights
 
     announce_random_weights(pipe)
     runtime = create_runtime(pipe, args.backend, artifacts=args.artifacts,

@@ -47,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def reference_image_png() -> bytes:
-    from .demo import demo_reference_image
+    from profusion_rt.demo import demo_reference_image
 
     buf = io.BytesIO()
     demo_reference_image().save(buf, format="PNG")
@@ -127,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        from .cli import load_pipeline
-        from .runtime import create_runtime
-        from .serve import BackgroundServer, ServeConfig, create_app
+        from profusion_rt.cli import load_pipeline
+        from profusion_rt.runtime import create_runtime
+        from profusion_rt.serve import BackgroundServer, ServeConfig, create_app
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         pipe = load_pipeline(args.model)
         pipe.progress_bar = False
-        from .presets import announce_random_weights
+        from profusion_rt.core.presets import announce_random_weights
 
         announce_random_weights(pipe)
         runtime = create_runtime(pipe, args.backend, artifacts=args.artifacts)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from profusion_rt.errors import ImageError, OutputPathError
-from profusion_rt.image_io import (
+from profusion_rt.core.errors import ImageError, OutputPathError
+from profusion_rt.core.image_io import (
     center_crop_resize,
     load_image,
     pil_to_tensor,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import text as textenc
-from ..models.stages import FusionStage, RefinementStage
-from ..models.vision import image_tokens
+from profusion_rt.models import text as textenc
+from profusion_rt.models.stages import FusionStage, RefinementStage
+from profusion_rt.models.vision import image_tokens
 
 __all__ = [
     "TextEncoderGraph",

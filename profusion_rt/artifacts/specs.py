@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT
+from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT
 
 __all__ = [
     "TensorSpec",
@@ -65,7 +65,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def precision_dtype(precision: str) -> str:
     """Dtype name of the model-dtype tensors of an artifact of ``precision`` ("fp16" -> "float16").
     ``bf16`` artifacts keep float32 inputs and outputs (the engine computes in bf16 inside)."""
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     if precision not in PRECISIONS:
         raise InvalidParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -274,7 +274,7 @@ def _token_ids(pipe, dims, batch, gen):
 @torch.no_grad()
 def _prompt(pipe, dims, batch, gen):
     """Token embeddings of random prompts and a one-hot placeholder mask on a prompt token."""
-    from ..models.text import token_embeddings
+    from profusion_rt.models.text import token_embeddings
 
     ids, where = _token_ids(pipe, dims, batch, gen)
     embeds = token_embeddings(pipe.text_encoder, ids.to(pipe.device)).float().cpu()
@@ -289,9 +289,9 @@ def _context(dims, batch, gen):
 
 def _step_scalars(stage: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """(timestep (1,), scalars (4,)) of a random step of a 50-step SD2 schedule with default settings."""
-    from .. import sampling
-    from ..models.stages import step_tables
-    from ..presets import SD2_SCHEDULER
+    from profusion_rt import sampling
+    from profusion_rt.models.stages import step_tables
+    from profusion_rt.core.presets import SD2_SCHEDULER
 
     tables = step_tables(sampling.DDIMSchedule.create(SD2_SCHEDULER, 50), 7.0, 5.0, 7.0, 1.0, 0.6)
     i = int(torch.randint(0, 50, (1,), generator=gen))
@@ -368,7 +368,7 @@ def _sample_stage(stage):
 # -- builders ------------------------------------------------------------------------------------------
 def _build(kind: str) -> Callable[[Any], nn.Module]:
     def builder(pipe):
-        from . import graphs
+        from profusion_rt.artifacts import graphs
 
         if kind == "text_encoder":
             return graphs.TextEncoderGraph(pipe.text_encoder, pipe.text_skip_layers)
@@ -462,7 +462,7 @@ GRAPH_NAMES: tuple[str, ...] = tuple(GRAPHS)
 
 
 def get_graph(name: str) -> GraphSpec:
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     try:
         return GRAPHS[name]

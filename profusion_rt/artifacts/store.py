@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..errors import ModelLoadError, ProFusionError
+from profusion_rt.core.errors import ModelLoadError, ProFusionError
 
 logger = logging.getLogger(__name__)
 
@@ -521,7 +521,7 @@ class RuntimeMetadata:
         return self.path / TOKENIZER_DIR
 
     def load_tokenizer(self):
-        from ..models.tokenizer import load_tokenizer
+        from profusion_rt.models.tokenizer import load_tokenizer
 
         return load_tokenizer(self.tokenizer_dir)
 
@@ -557,7 +557,7 @@ def write_runtime_metadata(root: str | os.PathLike, pipe: Any, model_hash_: str)
     """Write ``<root>/<model_hash>/runtime.json``, the ``tokenizer/`` copy and the token embedding table
     (atomically; the tokenizer folder is staged and renamed, ``runtime.json`` is written last). Returns the
     model folder."""
-    from .specs import model_dims
+    from profusion_rt.artifacts.specs import model_dims
 
     folder = Path(root) / model_hash_
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ DEFAULT_PROMPT = "a photo of a {S*}"
 
 
 def register(subparsers) -> None:
-    from ..cli import DefaultsHelpFormatter, add_model_args
+    from profusion_rt.cli import DefaultsHelpFormatter, add_model_args
 
     class Formatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
@@ -70,7 +70,7 @@ def register(subparsers) -> None:
 
 
 def _prompts(args) -> list[str]:
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     prompts = list(args.prompt or [])
     if args.prompts is not None:
@@ -86,7 +86,7 @@ def _prompts(args) -> list[str]:
 
 
 def _folders(specs: list[str]) -> dict[str, Path]:
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     folders: dict[str, Path] = {}
     for spec in specs:
@@ -102,7 +102,7 @@ def _folders(specs: list[str]) -> dict[str, Path]:
 
 
 def _seeds(text: str) -> list[int]:
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -114,9 +114,9 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..errors import InvalidParameterError, OutputPathError
-    from ..image_io import load_image
-    from . import fidelity, metrics, report
+    from profusion_rt.core.errors import InvalidParameterError, OutputPathError
+    from profusion_rt.core.image_io import load_image
+    from profusion_rt.evaluation import fidelity, metrics, report
 
     # -- every input is checked before any model is loaded or image generated ------------------------------
     if args.reference is None:
@@ -148,8 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..cli import load_pipeline, package_version
-    from ..presets import announce_random_weights, has_random_weights, weights_label
+    from profusion_rt.cli import load_pipeline, package_version
+    from profusion_rt.core.presets import announce_random_weights, has_random_weights, weights_label
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

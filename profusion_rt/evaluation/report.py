@@ -106,7 +106,7 @@ def grid(reference: Image.Image, sets: Sequence[Any], items: Sequence[Any], cell
 
 
 def png_bytes(image: Image.Image, metadata: dict[str, str] | None = None) -> bytes:
-    from ..image_io import png_info
+    from profusion_rt.core.image_io import png_info
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(metadata))
@@ -119,8 +119,8 @@ def write_outputs(out: str | Path, report: dict[str, Any], grid_image: Image.Ima
     first, then ``grid.png``, ``eval.md`` and last ``eval.json``."""
     import json
 
-    from ..artifacts.store import atomic_write_bytes
-    from ..errors import OutputPathError
+    from profusion_rt.artifacts.store import atomic_write_bytes
+    from profusion_rt.core.errors import OutputPathError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from profusion_rt.core.errors import ModelLoadError
 
 FOLDER = "clip_projections"
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..presets import Preset
+from profusion_rt.core.presets import Preset
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def build_image_encoder(cfg: dict[str, Any]) -> nn.Module:
 
 
 def build_promptnet(cfg: dict[str, Any]) -> nn.Module:
-    from .promptnet import PromptNet
+    from profusion_rt.models.promptnet import PromptNet
 
     return PromptNet(cfg)
 
@@ -105,7 +105,7 @@ def build_components(preset: Preset, seed: int = 0, device: str | torch.device =
     untouched). ``device="meta"`` builds shapes only, for parameter and FLOP counting. On CUDA the networks
     are initialised directly on the device (fast for the SD2 shapes; the values differ from a CPU build of
     the same seed, as the device's random generator differs)."""
-    from .tokenizer import load_default_tokenizer
+    from profusion_rt.models.tokenizer import load_default_tokenizer
 
     dev = torch.device(device)
     on_device = dev.type in ("meta", "cuda")

@@ -12,7 +12,7 @@ encoders exist), safetensors when a component has safetensors, ``.bin`` only whe
 other variants, top-level ``.ckpt`` files, ``feature_extractor`` or ``safety_checker``.
 
 Offline (``local_files_only=True`` or ``HF_HUB_OFFLINE=1``) the cached snapshot of the revision is used;
-an id or revision that is not in the cache is a :class:`~profusion_rt.errors.ModelLoadError` that names the
+an id or revision that is not in the cache is a :class:`~profusion_rt.core.errors.ModelLoadError` that names the
 id, the revision and the cache folder.
 """
 
@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import ModelLoadError
+from profusion_rt.core.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

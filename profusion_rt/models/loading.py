@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ModelLoadError, OutputPathError
-from .factory import Components, build_scheduler
-from .clip_heads import FOLDER as CLIP_HEADS_FOLDER
-from .clip_heads import ClipProjections
-from .hub import WEIGHT_STEMS, resolve_model_path
-from .promptnet import PromptNet, PromptNetConfig
+from profusion_rt.core.errors import ModelLoadError, OutputPathError
+from profusion_rt.models.factory import Components, build_scheduler
+from profusion_rt.models.clip_heads import FOLDER as CLIP_HEADS_FOLDER
+from profusion_rt.models.clip_heads import ClipProjections
+from profusion_rt.models.hub import WEIGHT_STEMS, resolve_model_path
+from profusion_rt.models.promptnet import PromptNet, PromptNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def load_components(path: str | Path, promptnet_path: str | Path | None = None, 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 
-    from .tokenizer import load_tokenizer
+    from profusion_rt.models.tokenizer import load_tokenizer
 
     hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     path = resolve_model_path(path, revision=revision, what="model", **hub)
@@ -457,7 +457,7 @@ def convert_model(model: str | Path, out: str | Path, promptnet_path: str | Path
     text settings equal to the loaded source) in a temporary sibling folder, which only then takes ``out``'s
     place. Returns ``{"path", "tensors", "dropped"}`` (``dropped``: what the source holds that our layout
     does not keep, e.g. the release's unused residual heads)."""
-    from ..pipeline import ProFusionPipeline
+    from profusion_rt.pipeline import ProFusionPipeline
 
     out = Path(out)
     if out.exists() and not out.is_dir():

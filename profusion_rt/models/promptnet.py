@@ -91,8 +91,8 @@ class PromptNetConfig:
         """Read a ``config.json`` as the official ``PromptNetModel.__init__`` reads it (see the module doc).
 
         Options the official class supports but ProFusion never uses (other mid blocks, class embeddings,
-        Fourier time embedding, ...) raise :class:`~profusion_rt.errors.ModelLoadError` naming the key."""
-        from ..errors import ModelLoadError
+        Fourier time embedding, ...) raise :class:`~profusion_rt.core.errors.ModelLoadError` naming the key."""
+        from profusion_rt.core.errors import ModelLoadError
 
         c = {**OFFICIAL_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
         problems = [f"{key}={c[key]!r}" for key, ok in _OFFICIAL_FIXED.items() if c[key] != ok]

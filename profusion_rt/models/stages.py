@@ -30,9 +30,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import sampling
-from . import text as textenc
-from .shared_prefix import shared_prefix_eps
+from profusion_rt import sampling
+from profusion_rt.models import text as textenc
+from profusion_rt.models.shared_prefix import shared_prefix_eps
 
 FUSION_INPUTS = ("x", "timestep", "scalars", "ref_latents", "image_tokens", "token_embeds",
                  "placeholder_mask", "empty_context", "noise")

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from profusion_rt.errors import ModelLoadError, PromptError
+from profusion_rt.core.errors import ModelLoadError, PromptError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..presets import CLIP_MEAN, CLIP_STD
+from profusion_rt.core.presets import CLIP_MEAN, CLIP_STD
 
 
 #: Antialiasing of the CLIP resize. The official code (train.py and the notebook/pipeline) runs torchvision's

@@ -27,14 +27,14 @@ from typing import Mapping
 
 import torch
 
-from ..artifacts.specs import get_graph, precision_dtype, torch_dtype
-from ..artifacts.store import RUNTIME_JSON, ArtifactStore, RuntimeMetadata, load_runtime_metadata, verify_files
-from ..errors import InvalidParameterError, ModelLoadError
-from ..models.vision import posterior_latents
-from ..pipeline import RequestPreparation
-from .backends import STAGE_GRAPHS, onnxruntime_engine, pick_artifact, tensorrt_engine
-from .engine import Engine
-from .runtime import Runtime
+from profusion_rt.artifacts.specs import get_graph, precision_dtype, torch_dtype
+from profusion_rt.artifacts.store import RUNTIME_JSON, ArtifactStore, RuntimeMetadata, load_runtime_metadata, verify_files
+from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
+from profusion_rt.models.vision import posterior_latents
+from profusion_rt.pipeline import RequestPreparation
+from profusion_rt.runtime.backends import STAGE_GRAPHS, onnxruntime_engine, pick_artifact, tensorrt_engine
+from profusion_rt.runtime.engine import Engine
+from profusion_rt.runtime.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -240,10 +240,10 @@ def create_runtime_from_artifacts(root: str | Path, backend: str = "onnxruntime"
     ``precision``: of the artifacts to load ("fp32", "fp16", "bf16"); the runtime's tensors take its dtype.
     ``threads``: onnxruntime intra-op threads per session (default: all cores).
 
-    Raises :class:`~profusion_rt.errors.ModelLoadError` when the model folder is missing or ambiguous, or a
+    Raises :class:`~profusion_rt.core.errors.ModelLoadError` when the model folder is missing or ambiguous, or a
     graph or the token table is missing or damaged (the message gives the export command that writes it),
-    :class:`~profusion_rt.errors.InvalidParameterError` for an unknown backend or precision, and
-    :class:`~profusion_rt.errors.BackendUnavailableError` when onnxruntime, its CUDA provider or TensorRT is
+    :class:`~profusion_rt.core.errors.InvalidParameterError` for an unknown backend or precision, and
+    :class:`~profusion_rt.core.errors.BackendUnavailableError` when onnxruntime, its CUDA provider or TensorRT is
     not available.
     """
     if backend not in STAGE_ENGINES:
@@ -251,7 +251,7 @@ def create_runtime_from_artifacts(root: str | Path, backend: str = "onnxruntime"
             f"a runtime from artifacts alone runs its stages on {' or '.join(STAGE_ENGINES)}, got {backend!r}; "
             "the torch backends need the model weights (create_runtime(pipe, backend))")
     if backend == "onnxruntime":
-        from .backends import check_onnxruntime_precision
+        from profusion_rt.runtime.backends import check_onnxruntime_precision
 
         check_onnxruntime_precision(precision)  # bf16: a refusal naming what runs it
     dtype = torch_dtype(precision_dtype(precision))

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError
+from profusion_rt.core.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +181,12 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict
     dtype, shape).
 
     Every base weight must be found: one that is not (the graph was exported from other weights, or an
-    exporter folded it into another constant) raises :class:`~profusion_rt.errors.EngineError` rather than
+    exporter folded it into another constant) raises :class:`~profusion_rt.core.errors.EngineError` rather than
     being skipped silently, and so does a content match shared by several initializers."""
     import onnx
     from onnx import numpy_helper
 
-    from ..errors import EngineError
+    from profusion_rt.core.errors import EngineError
 
     if base is None:
         raise ValueError("locating the weights of a graph needs the base values (the first swap passes them)")
@@ -243,8 +243,8 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict
 
 def graph_weights(mapping: Mapping[str, tuple], named_tensors: Mapping[str, torch.Tensor]):
     """(initializer name, array in the graph's layout and dtype) for each named tensor; a tensor the map does
-    not hold raises :class:`~profusion_rt.errors.EngineError` (never skipped)."""
-    from ..errors import EngineError
+    not hold raises :class:`~profusion_rt.core.errors.EngineError` (never skipped)."""
+    from profusion_rt.core.errors import EngineError
 
     for key, value in named_tensors.items():
         target = mapping.get(key)

@@ -29,11 +29,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import InvalidParameterError
-from ..finite import check_finite
-from ..models.stages import STAGE_OUTPUT
-from ..pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
-from .engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.finite import check_finite
+from profusion_rt.models.stages import STAGE_OUTPUT
+from profusion_rt.pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
+from profusion_rt.runtime.engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Runtime:
                        use_cuda_graph: bool | None = None) -> "Runtime":
         """A runtime from an artifact folder alone: every network runs from the exported graphs (no model
         weights, no model loading). See :func:`~.artifact_pipeline.create_runtime_from_artifacts`."""
-        from .artifact_pipeline import create_runtime_from_artifacts
+        from profusion_rt.runtime.artifact_pipeline import create_runtime_from_artifacts
 
         return create_runtime_from_artifacts(root, backend, device=device, precision=precision,
                                              model_hash=model_hash, threads=threads, use_cuda_graph=use_cuda_graph)
@@ -114,7 +114,7 @@ class Runtime:
 
     def generate_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ProFusionOutput]:
         """Run several requests; those of the same shape and parameters share one batched loop."""
-        from ..pipeline import OUTPUT_TYPES
+        from profusion_rt.pipeline import OUTPUT_TYPES
 
         with self._lock:
             start = time.perf_counter()
@@ -158,7 +158,7 @@ class Runtime:
         captured CUDA graphs stay valid); every other engine gets the new values through
         ``update_weights`` (TensorRT refit, onnxruntime session re-creation with overridden initializers).
         Returns the seconds the swap took."""
-        from ..training.delta import apply_delta, delta_parameters, load_delta
+        from profusion_rt.training.delta import apply_delta, delta_parameters, load_delta
 
         with self._lock:
             start = time.perf_counter()
@@ -194,7 +194,7 @@ class Runtime:
         """Run one request so compilation, engine set-up and CUDA-graph capture happen before serving.
         Capture is per shape (batch, steps, fusion steps): warm up with the served ``num_inference_steps``
         so that no capture happens later, while a customization thread may be using the GPU."""
-        from ..demo import demo_reference_image
+        from profusion_rt.demo import demo_reference_image
 
         kwargs.setdefault("reference_image", demo_reference_image())
         kwargs.setdefault("prompt", "a {S*}")

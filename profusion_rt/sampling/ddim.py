@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidParameterError
-from .prediction import EPSILON, V_PREDICTION, prediction_type, v_to_epsilon, v_to_x0
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.sampling.prediction import EPSILON, V_PREDICTION, prediction_type, v_to_epsilon, v_to_x0
 
 
 def alphas_cumprod_table(config: dict[str, Any]) -> torch.Tensor:

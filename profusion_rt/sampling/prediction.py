@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 
 EPSILON = "epsilon"
 V_PREDICTION = "v_prediction"

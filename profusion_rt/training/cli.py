@@ -1,7 +1,7 @@
 """``profusion-rt pretrain``, ``profusion-rt customize`` and ``profusion-rt apply-delta``.
 
 Inputs are checked before any model is loaded (data folder, image, output folder, checkpoint); every error
-is a :class:`~profusion_rt.errors.ProFusionError` (one line, exit status 2). Ctrl-C during training saves a
+is a :class:`~profusion_rt.core.errors.ProFusionError` (one line, exit status 2). Ctrl-C during training saves a
 checkpoint, prints where, and exits with status 130. Training hyper-parameters left unset on the command
 line come from the checkpoint when resuming, else from the official defaults (docs/training.md).
 
@@ -105,7 +105,7 @@ def register(subparsers) -> None:
 
 def _grad_norm(value: str | None):
     """``--max-grad-norm``: a positive number, or none/off/0 (no clipping)."""
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     if str(value).strip().lower() in ("none", "off", "0", "0.0"):
         return None
@@ -117,9 +117,9 @@ def _grad_norm(value: str | None):
 
 def _config(args: argparse.Namespace, mode: str):
     """TrainConfig from the checkpoint (when resuming) or the defaults, with the options given on top."""
-    from .checkpoint import read_checkpoint_state
-    from .errors import CheckpointError
-    from .trainer import TrainConfig
+    from profusion_rt.training.checkpoint import read_checkpoint_state
+    from profusion_rt.training.errors import CheckpointError
+    from profusion_rt.training.trainer import TrainConfig
 
     base = TrainConfig() if mode == "pretrain" else TrainConfig.customization()
     if args.resume is not None:
@@ -137,7 +137,7 @@ def _config(args: argparse.Namespace, mode: str):
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    from ..errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     for name in ("steps", "checkpoint_every", "keep_checkpoints"):
         value, low = getattr(args, name), 1 if name != "checkpoint_every" else 0
@@ -146,7 +146,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from ..cli import load_pipeline
+    from profusion_rt.cli import load_pipeline
 
     return load_pipeline(args.model, args.promptnet, args.device, "fp32", args.weights_seed)
 
@@ -154,8 +154,8 @@ def _load(args: argparse.Namespace):
 def _load_for_pretraining(args: argparse.Namespace):
     """The model to pre-train: a plain SD2 folder or hub id gets a PromptNet built from its UNet (official
     init); ``--promptnet-init unet`` does that for any model, ``keep`` never."""
-    from ..errors import InvalidParameterError
-    from . import init
+    from profusion_rt.core.errors import InvalidParameterError
+    from profusion_rt.training import init
 
     folder = Path(args.model).expanduser()
     plain = args.promptnet is None and (
@@ -193,15 +193,15 @@ def _summary(result, what: str) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .data import SubjectImageDataset, list_images
-    from .jobs import MODEL_DIR, prepare_output_dir, pretrain
+    from profusion_rt.training.data import SubjectImageDataset, list_images
+    from profusion_rt.training.jobs import MODEL_DIR, prepare_output_dir, pretrain
 
     _check_counts(args)
     config = _config(args, "pretrain")
     images, subjects = list_images(args.data, args.group_by_subject)
     folder = Path(args.model).expanduser()
     if args.promptnet is None and folder.is_dir() and not (folder / "promptnet").is_dir():
-        from .init import find_image_encoder
+        from profusion_rt.training.init import find_image_encoder
 
         find_image_encoder(folder, args.image_encoder)  # a plain SD2 folder needs one: fail before writing
     prepare_output_dir(args.out, (MODEL_DIR,), args.overwrite, args.resume is not None)
@@ -216,9 +216,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_customize(args: argparse.Namespace) -> int:
     import torch
 
-    from ..errors import InvalidParameterError
-    from ..image_io import load_image
-    from .jobs import DELTA_NAME, MODEL_DIR, customize, prepare_output_dir
+    from profusion_rt.core.errors import InvalidParameterError
+    from profusion_rt.core.image_io import load_image
+    from profusion_rt.training.jobs import DELTA_NAME, MODEL_DIR, customize, prepare_output_dir
 
     _check_counts(args)
     if args.num_augmentations < 0:
@@ -231,7 +231,7 @@ def cmd_customize(args: argparse.Namespace) -> int:
     prepare_output_dir(args.out, outputs, args.overwrite, args.resume is not None)
     inpainter = None
     if args.inpaint_model is not None:
-        from .augment import INPAINT_NEGATIVE_PROMPT, INPAINT_PROMPT, load_inpainter
+        from profusion_rt.training.augment import INPAINT_NEGATIVE_PROMPT, INPAINT_PROMPT, load_inpainter
 
         inpainter = load_inpainter(
             args.inpaint_model, args.device,
@@ -250,8 +250,8 @@ def cmd_customize(args: argparse.Namespace) -> int:
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> int:
-    from ..errors import OutputPathError
-    from .delta import apply_delta, load_delta
+    from profusion_rt.core.errors import OutputPathError
+    from profusion_rt.training.delta import apply_delta, load_delta
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):

@@ -1,7 +1,7 @@
 """Training images: a dataset of square images grouped by subject, and the seeded (target, reference) sampler.
 
 Every image goes through the reference preprocessing of the runtime (``load_image`` -> centre square crop ->
-LANCZOS resize to the model's resolution, :func:`profusion_rt.image_io.center_crop_resize`) and becomes a
+LANCZOS resize to the model's resolution, :func:`profusion_rt.core.image_io.center_crop_resize`) and becomes a
 [0, 1] float tensor (3, R, R).
 
 Subjects: a reference image and a target image are drawn from the same subject. ``from_folder`` with
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_io import center_crop_resize, load_image
-from .errors import DatasetError
+from profusion_rt.core.image_io import center_crop_resize, load_image
+from profusion_rt.training.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def list_images(folder: str | os.PathLike, group_by_subject: bool = False) -> tu
 
     Every file's header is read, so a file that is not an image fails here, not hours into training:
     :class:`DatasetError` for a missing folder or one without images,
-    :class:`~profusion_rt.errors.ImageError` naming the first file that cannot be read.
+    :class:`~profusion_rt.core.errors.ImageError` naming the first file that cannot be read.
     """
     root = Path(folder).expanduser()
     if not root.exists():

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .errors import DeltaError, DeltaMismatchError
-from .safeio import read, save_atomic
+from profusion_rt.training.errors import DeltaError, DeltaMismatchError
+from profusion_rt.training.safeio import read, save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def save_delta(path: str | os.PathLike, pipe, base_fingerprint: str, dtype: torc
                training: dict[str, Any] | None = None) -> Path:
     """Write ``pipe``'s delta tensors to ``path`` (atomically). ``base_fingerprint``: :func:`base_fingerprint`
     of the model *before* customization. ``dtype``: storage dtype (default: the parameters' own)."""
-    from .. import __version__
+    from profusion_rt import __version__
 
     delta = extract_delta(pipe, base_fingerprint, dtype)
     names = [k for k, v in _DTYPES.items() if v == delta.dtype]

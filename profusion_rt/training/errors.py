@@ -1,9 +1,9 @@
-"""Typed errors of the training layer (subclasses of :mod:`profusion_rt.errors`; the CLI prints them on one
+"""Typed errors of the training layer (subclasses of :mod:`profusion_rt.core.errors`; the CLI prints them on one
 line and exits 2)."""
 
 from __future__ import annotations
 
-from ..errors import InvalidParameterError, ModelLoadError
+from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
 
 
 class DatasetError(InvalidParameterError):

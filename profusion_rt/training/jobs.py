@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import InvalidParameterError, OutputPathError
-from .augment import FILL_MODES, Inpainter, augmentation_record, customization_images
-from .data import SubjectImageDataset, derive_seed
-from .delta import save_delta
-from .trainer import OFFICIAL_PRETRAIN_STEPS, Trainer, TrainConfig, TrainResult, check_steps
+from profusion_rt.core.errors import InvalidParameterError, OutputPathError
+from profusion_rt.training.augment import FILL_MODES, Inpainter, augmentation_record, customization_images
+from profusion_rt.training.data import SubjectImageDataset, derive_seed
+from profusion_rt.training.delta import save_delta
+from profusion_rt.training.trainer import OFFICIAL_PRETRAIN_STEPS, Trainer, TrainConfig, TrainResult, check_steps
 
 logger = logging.getLogger(__name__)
 

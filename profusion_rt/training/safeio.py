@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, OutputPathError
+from profusion_rt.core.errors import ModelLoadError, OutputPathError
 
 logger = logging.getLogger(__name__)
 

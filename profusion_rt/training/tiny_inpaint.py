@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..presets import SD2_SCHEDULER
+from profusion_rt.core.presets import SD2_SCHEDULER
 
 
 def build_tiny_inpainting_pipeline(seed: int = 0):
@@ -23,7 +23,7 @@ def build_tiny_inpainting_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..models.tokenizer import load_default_tokenizer
+    from profusion_rt.models.tokenizer import load_default_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

@@ -45,14 +45,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InvalidParameterError
-from ..models import text as textenc
-from ..models.tokenizer import tokenize_prompt
-from ..models.vision import image_tokens
-from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
-from .data import PairSampler, SubjectImageDataset, derive_seed
-from .delta import delta_parameters, fingerprint_tensors
-from .errors import CheckpointError
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.models import text as textenc
+from profusion_rt.models.tokenizer import tokenize_prompt
+from profusion_rt.models.vision import image_tokens
+from profusion_rt.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from profusion_rt.training.data import PairSampler, SubjectImageDataset, derive_seed
+from profusion_rt.training.delta import delta_parameters, fingerprint_tensors
+from profusion_rt.training.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

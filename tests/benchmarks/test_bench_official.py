@@ -1,5 +1,5 @@
 """The official-style stages (measure-only variants in benchmarks/) compute the same x as our minimal ones,
-and the FLOP bookkeeping of the suite matches docs/algorithm.md, "Cost per denoising step" and profusion_rt.flops."""
+and the FLOP bookkeeping of the suite matches docs/algorithm.md, "Cost per denoising step" and profusion_rt.models.flops."""
 
 from __future__ import annotations
 
@@ -52,9 +52,9 @@ def test_official_runtime_end_to_end_equals_torch_backend(tiny_pipe, astronaut):
 
 
 def test_image_flops_match_profusion_flops():
-    from profusion_rt.flops import count_network_costs, sample_flops
+    from profusion_rt.models.flops import count_network_costs, sample_flops
     from profusion_rt.models.factory import build_components
-    from profusion_rt.presets import get_preset
+    from profusion_rt.core.presets import get_preset
 
     preset = get_preset("tiny")
     costs = count_network_costs(build_components(preset, device="meta"), preset.resolution)

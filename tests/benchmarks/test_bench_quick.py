@@ -63,7 +63,7 @@ def test_cli_config_quick_and_full(monkeypatch):
     import argparse
 
     from profusion_rt.benchmarks.cli import add_arguments, config_from_args
-    from profusion_rt.errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

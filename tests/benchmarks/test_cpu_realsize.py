@@ -10,7 +10,7 @@ import torch
 
 from profusion_rt.benchmarks import cpu_realsize
 from profusion_rt.cli import main
-from profusion_rt.errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 
 
 def test_random_pipeline_is_built_in_place_in_its_dtype():

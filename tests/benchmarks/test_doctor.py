@@ -10,7 +10,7 @@ import pytest
 
 from profusion_rt.benchmarks import doctor
 from profusion_rt.cli import main
-from profusion_rt.hardware import bf16_support, native_bf16
+from profusion_rt.core.hardware import bf16_support, native_bf16
 
 
 def _report(out) -> dict:

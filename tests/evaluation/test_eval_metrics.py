@@ -57,7 +57,7 @@ def clip_folder(tmp_path_factory, tiny_pipe):
     """A tiny transformers CLIPModel folder (random weights, the tiny preset's tower sizes)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from profusion_rt.presets import get_preset
+    from profusion_rt.core.presets import get_preset
 
     preset = get_preset("tiny")
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def test_clip_t_with_projections_matches_transformers(clip_folder, tiny_pipe, ph
 
 
 def test_missing_clip_folder_is_a_clear_error(tmp_path):
-    from profusion_rt.errors import ModelLoadError
+    from profusion_rt.core.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="no config.json"):
         metrics.ClipEmbedder.from_folder(tmp_path)

@@ -11,7 +11,7 @@ from profusion_rt.artifacts.specs import GRAPHS
 
 def test_mixed_fp16_copy_keeps_float32_islands(tiny_pipe):
     from profusion_rt.models.factory import build_unet
-    from profusion_rt.presets import get_preset
+    from profusion_rt.core.presets import get_preset
 
     from profusion_rt.export.fp16 import Fp32GroupNorm, Fp32LayerNorm, UpcastAttnProcessor, to_mixed_fp16
 

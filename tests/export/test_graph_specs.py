@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from profusion_rt.artifacts.specs import GRAPHS, get_graph, model_dims, precision_dtype
-from profusion_rt.errors import InvalidParameterError, ProFusionError
+from profusion_rt.core.errors import InvalidParameterError, ProFusionError
 from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS
 
 

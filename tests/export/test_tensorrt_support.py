@@ -8,7 +8,7 @@ import pytest
 
 from profusion_rt.artifacts.specs import GRAPHS
 from profusion_rt.artifacts.store import ArtifactEntry, ArtifactError, gpu_slug, plan_filename
-from profusion_rt.errors import BackendUnavailableError, InvalidParameterError
+from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
 
 pytest.importorskip("polygraphy")
 

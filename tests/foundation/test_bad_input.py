@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from profusion_rt.cli import main
-from profusion_rt.errors import (
+from profusion_rt.core.errors import (
     ImageError,
     InvalidParameterError,
     ModelLoadError,

@@ -21,9 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from profusion_rt import hardware
+from profusion_rt.core import hardware
 from profusion_rt.cli import build_parser, main, settle_precision
-from profusion_rt.errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.evaluation import metrics
 from profusion_rt.models.stages import FusionStage, RefinementStage
 from profusion_rt.pipeline import ProFusionPipeline

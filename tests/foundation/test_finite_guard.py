@@ -13,8 +13,8 @@ import torch
 
 from profusion_rt import sampling
 from profusion_rt.cli import main
-from profusion_rt.errors import NonFiniteError, ProFusionError
-from profusion_rt.finite import FiniteGuard, advice, check_finite
+from profusion_rt.core.errors import NonFiniteError, ProFusionError
+from profusion_rt.core.finite import FiniteGuard, advice, check_finite
 
 KW = dict(prompt="a {S*} wearing sunglasses", num_inference_steps=3, fusion_steps=1, seed=0)
 

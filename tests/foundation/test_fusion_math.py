@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from profusion_rt import sampling
-from profusion_rt.presets import SD2_SCHEDULER
+from profusion_rt.core.presets import SD2_SCHEDULER
 
 
 def _diffusers_scheduler() -> DDIMScheduler:

@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers_reference import latents, max_abs, sd_pipeline
 
-from profusion_rt.errors import InvalidParameterError, PromptError
-from profusion_rt.presets import SD2_SCHEDULER
+from profusion_rt.core.errors import InvalidParameterError, PromptError
+from profusion_rt.core.presets import SD2_SCHEDULER
 
 PROMPT = "a {S*} wearing sunglasses"
 NEGATIVE = "blurry, low quality, cartoon"

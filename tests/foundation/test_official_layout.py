@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
 from profusion_rt.cli import main
-from profusion_rt.errors import ModelLoadError
+from profusion_rt.core.errors import ModelLoadError
 from profusion_rt.models.promptnet import PromptNet, PromptNetConfig
 from profusion_rt.models.tokenizer import BOS_TOKEN, EOS_TOKEN, build_vocab_and_merges
 from profusion_rt.pipeline import ProFusionPipeline
-from profusion_rt.presets import get_preset
+from profusion_rt.core.presets import get_preset
 
 PROMPT = "a portrait of {S*} in a garden"
 STEPS = 3

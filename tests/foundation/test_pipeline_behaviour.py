@@ -13,7 +13,7 @@ from PIL import Image
 
 from profusion_rt.models import text as textenc
 from profusion_rt.models.tokenizer import tokenize_prompt
-from profusion_rt.presets import SD2_SCHEDULER
+from profusion_rt.core.presets import SD2_SCHEDULER
 
 PROMPT = "a photo of {S*} wearing sunglasses"
 STEPS = 2

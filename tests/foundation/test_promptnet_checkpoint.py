@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from profusion_rt.models.promptnet import PromptNet, drop_unused_keys
-from profusion_rt.presets import get_preset
+from profusion_rt.core.presets import get_preset
 
 # docs/checkpoint.md: "357 tensors, 431,285,504 params, no buffers" (fork's class, SD2-base config).
 RELEASE_TENSORS = 357

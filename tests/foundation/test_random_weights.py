@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from profusion_rt.cli import main
-from profusion_rt.errors import ProFusionError
-from profusion_rt.presets import RANDOM_WEIGHTS_WARNING, has_random_weights, weights_label
+from profusion_rt.core.errors import ProFusionError
+from profusion_rt.core.presets import RANDOM_WEIGHTS_WARNING, has_random_weights, weights_label
 
 LINE = RANDOM_WEIGHTS_WARNING.format(name="tiny")
 

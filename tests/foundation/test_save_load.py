@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-from profusion_rt.errors import ModelLoadError, OutputPathError
+from profusion_rt.core.errors import ModelLoadError, OutputPathError
 from profusion_rt.models.promptnet import PromptNet
 from profusion_rt.pipeline import ProFusionPipeline
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers_reference import latents, max_abs, sd_pipeline
 
-from profusion_rt.errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 
 KW = dict(prompt="a {S*} wearing sunglasses", num_inference_steps=3, seed=2, output_type="latent",
           fusion_steps=0)

@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler
 from diffusers_reference import latents, max_abs, sd_pipeline
 
 from profusion_rt import sampling
-from profusion_rt.errors import InvalidParameterError
-from profusion_rt.presets import SD2_V_SCHEDULER, get_preset
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.presets import SD2_V_SCHEDULER, get_preset
 
 STEPS, GUIDANCE = 10, 7.0
 PROMPT = "a {S*} wearing sunglasses"

@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import constants
 
 from profusion_rt.cli import main
-from profusion_rt.errors import ModelLoadError
+from profusion_rt.core.errors import ModelLoadError
 from profusion_rt.models import hub
 from profusion_rt.pipeline import ProFusionPipeline
 

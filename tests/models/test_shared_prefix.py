@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 from profusion_rt.models.factory import build_components
 from profusion_rt.models.shared_prefix import shared_prefix_eps, supports_shared_prefix
 from profusion_rt.models.stages import guided_eps
-from profusion_rt.presets import get_preset
+from profusion_rt.core.presets import get_preset
 
 
 def _reference(unet, x, t, contexts):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from profusion_rt.errors import ModelLoadError, PromptError
+from profusion_rt.core.errors import ModelLoadError, PromptError
 from profusion_rt.models.tokenizer import (
     PLACEHOLDER,
     PLACEHOLDER_WORD,

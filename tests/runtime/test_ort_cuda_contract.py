@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from profusion_rt.errors import ProFusionError
+from profusion_rt.core.errors import ProFusionError
 
 pytest.importorskip("onnx")
 

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from profusion_rt.errors import InvalidParameterError, ModelLoadError, PromptError  # noqa: E402
+from profusion_rt.core.errors import InvalidParameterError, ModelLoadError, PromptError  # noqa: E402
 from profusion_rt.runtime import Runtime, create_runtime_from_artifacts  # noqa: E402
 from profusion_rt.runtime.artifact_pipeline import REQUIRED_GRAPHS, ArtifactRuntime, GraphRunner  # noqa: E402
 from profusion_rt.runtime.parity import compare  # noqa: E402

@@ -44,7 +44,7 @@ def test_batch_beyond_the_exported_range_is_split(ort_runtime, astronaut):
 
 
 def test_missing_artifacts_is_a_typed_error(tiny_pipe, tmp_path):
-    from profusion_rt.errors import InvalidParameterError, ModelLoadError
+    from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
 
     with pytest.raises(ModelLoadError, match="fusion_stage"):
         create_runtime(tiny_pipe, "onnxruntime", artifacts=tmp_path)

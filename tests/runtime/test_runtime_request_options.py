@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from profusion_rt.errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.runtime import create_runtime
 from profusion_rt.runtime.parity import compare
 
@@ -70,7 +70,7 @@ def test_step_callbacks_are_refused(torch_runtime, astronaut, kwargs, match):
 
 
 def test_negative_prompt_errors_through_the_runtime(torch_runtime):
-    from profusion_rt.errors import PromptError
+    from profusion_rt.core.errors import PromptError
 
     with pytest.raises(PromptError, match="negative_prompt"):
         torch_runtime(prompt="a cat", negative_prompt="very " * 80, num_inference_steps=1)

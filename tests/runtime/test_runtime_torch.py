@@ -81,14 +81,14 @@ def test_requests_of_the_same_shape_batch_together(tiny_pipe, torch_runtime, ast
 
 
 def test_unknown_backend_is_a_typed_error(tiny_pipe):
-    from profusion_rt.errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     with pytest.raises(InvalidParameterError, match="unknown backend"):
         create_runtime(tiny_pipe, "nosuch")
 
 
 def test_cuda_graph_needs_cuda(tiny_pipe):
-    from profusion_rt.errors import InvalidParameterError
+    from profusion_rt.core.errors import InvalidParameterError
 
     with pytest.raises(InvalidParameterError, match="CUDA"):
         create_runtime(tiny_pipe, "torch", use_cuda_graph=True)
@@ -110,7 +110,7 @@ def test_cuda_graph_replay_matches_eager(astronaut):
 def test_tensorrt_missing_is_a_clear_error(tiny_pipe, tmp_path):
     import importlib.util
 
-    from profusion_rt.errors import BackendUnavailableError
+    from profusion_rt.core.errors import BackendUnavailableError
 
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: the gate does not apply")

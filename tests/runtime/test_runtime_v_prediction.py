@@ -77,7 +77,7 @@ def test_runtime_json_records_the_prediction_type(tiny_v, v_artifacts):
 
 def test_epsilon_and_v_artifacts_do_not_mix(tiny_pipe, tiny_v, v_artifacts, stage_artifacts):
     from profusion_rt.artifacts.store import model_hash
-    from profusion_rt.errors import ModelLoadError
+    from profusion_rt.core.errors import ModelLoadError
 
     # same weights (same preset shapes and seed); only the scheduler's prediction type differs
     assert model_hash(tiny_pipe) != model_hash(tiny_v)

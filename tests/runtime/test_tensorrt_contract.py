@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fake_tensorrt import ALIGNMENT, FakePlan, FakeTensorRT, IOTensor, TensorIOMode
-from profusion_rt.errors import ProFusionError
+from profusion_rt.core.errors import ProFusionError
 from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT
 from profusion_rt.runtime.runtime import Runtime
 

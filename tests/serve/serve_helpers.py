@@ -20,7 +20,7 @@ def png_array(data: bytes) -> np.ndarray:
 
 def expected_array(runtime, reference_png: bytes, **kwargs) -> np.ndarray:
     """What the server should answer: the runtime's image for the same request, as uint8."""
-    from profusion_rt.image_io import to_uint8
+    from profusion_rt.core.image_io import to_uint8
 
     kwargs.setdefault("num_inference_steps", STEPS)
     out = runtime(output_type="np", reference_image=reference_png, **kwargs)

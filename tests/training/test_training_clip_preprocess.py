@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data as skdata
 
-from profusion_rt.image_io import center_crop_resize, load_image, pil_to_tensor
+from profusion_rt.core.image_io import center_crop_resize, load_image, pil_to_tensor
 from profusion_rt.models.vision import CLIP_ANTIALIAS, clip_preprocess
 from profusion_rt.training import SubjectImageDataset, TrainConfig, Trainer
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from profusion_rt.errors import ImageError, InvalidParameterError
+from profusion_rt.core.errors import ImageError, InvalidParameterError
 from profusion_rt.training.augment import (
     AugmentParams,
     affine_augment,

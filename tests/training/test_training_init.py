@@ -14,7 +14,7 @@ from skimage import data as skdata
 from transformers import CLIPConfig, CLIPModel
 
 from profusion_rt.cli import main
-from profusion_rt.errors import InvalidParameterError
+from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.training.init import (
     COPIED_MODULES,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from profusion_rt.errors import OutputPathError
+from profusion_rt.core.errors import OutputPathError
 from profusion_rt.training import SubjectImageDataset, TrainConfig, Trainer
 from profusion_rt.training.errors import CheckpointError
 from profusion_rt.training.safeio import read, save_atomic

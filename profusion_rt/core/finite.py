@@ -5,7 +5,7 @@ activations into Inf and then NaN. Such an image must not be returned as a black
 helper serves every caller:
 
 * :func:`check_finite` checks one tensor now (one host synchronisation) and raises
-  :class:`~profusion_rt.errors.NonFiniteError` naming the stage: ``"latents after the loop"`` (the
+  :class:`~profusion_rt.core.errors.NonFiniteError` naming the stage: ``"latents after the loop"`` (the
   runtime, once after its loop), ``"VAE decode"`` (the decoder's output);
 * :class:`FiniteGuard` records, per stage call of the eager loop, whether its output is finite as a flag
   on the device (no synchronisation inside the loop) and :meth:`FiniteGuard.check` reads them once after
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NonFiniteError
+from profusion_rt.core.errors import NonFiniteError
 
 REDUCED = (torch.float16, torch.bfloat16)
 _NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}

@@ -23,7 +23,7 @@ class NetworkCost:
 
 def _meta_twin(net: nn.Module) -> nn.Module:
     """An uninitialised copy of ``net`` on the meta device, built from its config."""
-    from .models.promptnet import PromptNet
+    from profusion_rt.models.promptnet import PromptNet
 
     with torch.device("meta"):
         if isinstance(net, PromptNet):
@@ -48,7 +48,7 @@ def count_network_costs(components, resolution: int, batch: int = 1, meta: bool 
     UNet: ``batch`` latents with a 77-token context (a guided call on k conditionings costs k times this).
     Text encoder: the layers actually used. VAE: encoder at ``resolution``, decoder from the latent.
     """
-    from .models import text as textenc
+    from profusion_rt.models import text as textenc
 
     nets = components.networks()
     twins = {k: (_meta_twin(v) if meta else v) for k, v in nets.items()}

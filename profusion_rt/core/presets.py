@@ -20,7 +20,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UnknownPresetError
+from profusion_rt.core.errors import UnknownPresetError
 
 #: SD2-base DDIM scheduler configuration (docs/algorithm.md, "The loop").
 SD2_SCHEDULER: dict[str, Any] = {

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from profusion_rt.errors import ImageError, InvalidParameterError, OutputPathError
+from profusion_rt.core.errors import ImageError, InvalidParameterError, OutputPathError
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def _format_for(path: Path) -> str:
 
 def png_info(metadata: dict[str, str] | None):
     """A ``PIL.PngImagePlugin.PngInfo`` holding ``metadata`` as PNG text chunks (``None`` for none), e.g.
-    ``{"weights": "random (preset tiny)"}`` (:func:`profusion_rt.presets.weights_label`)."""
+    ``{"weights": "random (preset tiny)"}`` (:func:`profusion_rt.core.presets.weights_label`)."""
     if not metadata:
         return None
     from PIL.PngImagePlugin import PngInfo
