@@ -49,7 +49,6 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
     every benchmark process of one run gets the same weights), then cast to ``dtype``."""
     import torch
 
-    from profusion_rt.cli import load_pipeline
     from profusion_rt.models import factory
     from profusion_rt.pipeline import ProFusionPipeline
 
@@ -59,7 +58,7 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
             from profusion_rt.core.errors import InvalidParameterError
 
             raise InvalidParameterError("a resolution override needs a preset, not a model folder")
-        return load_pipeline(model, None, device, dtype, seed)
+        return ProFusionPipeline.load(model, None, device, dtype, seed)
     preset = preset_at_resolution(model, resolution)
     components = factory.build_components(preset, seed=seed, device=dev)  # on CUDA: initialised there
     pipe = ProFusionPipeline.from_components(components, resolution=preset.resolution, preset=preset.name)

@@ -51,9 +51,9 @@ def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
     device = job.get("device", "cpu")
     resolution = resolution if resolution is not None else job.get("resolution")
     if torch.device(device).type == "cpu" and resolution is None:
-        from profusion_rt.cli import load_pipeline  # the demo's path, unchanged
+        from profusion_rt.pipeline import ProFusionPipeline
 
-        pipe = load_pipeline(job.get("model", "tiny"), None, device, job.get("dtype", "fp32"),
+        pipe = ProFusionPipeline.load(job.get("model", "tiny"), None, device, job.get("dtype", "fp32"),
                              job.get("weights_seed", 0))
     else:
         from profusion_rt.benchmarks.models import build_pipeline

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from profusion_rt.core.errors import ProFusionError
+from profusion_rt.pipeline import ProFusionPipeline
 
 logger = logging.getLogger("profusion_rt")
 
@@ -23,30 +24,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
     return fn
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def load_pipeline(model: str, promptnet: str | None = None, device: str = "cpu", dtype: str = "fp32", seed: int = 0):
-    """``model`` is a model folder, a preset name or a Hugging Face hub id ``org/name`` (a local folder wins;
-    the hub honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN); ``promptnet`` a folder or hub id."""
-    from profusion_rt.models.hub import looks_like_hub_id
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.core.presets import preset_names
-
-    if Path(model).is_dir() or (model not in preset_names() and looks_like_hub_id(model)):
-        return ProFusionPipeline.from_pretrained(model, promptnet_path=promptnet, device=device, dtype=_dtype(dtype))
-    if promptnet is not None:
-        raise ProFusionError("--promptnet needs --model to be a model folder or hub id")
-    if model in preset_names() or "/" not in model:
-        return ProFusionPipeline.from_preset(model, seed=seed, device=device, dtype=_dtype(dtype))
-    from profusion_rt.core.errors import ModelLoadError
-
-    raise ModelLoadError(f"model folder {model} does not exist")
 
 
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # = profusion_rt.core.hardware.PRECISION_CHOICES
@@ -175,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_and_save(generate, args)
     if args.model_hash is not None:
         raise ProFusionError("--model-hash picks an exported model for a run without --model")
-    pipe = load_pipeline(args.model or "tiny", args.promptnet, args.device, args.dtype, args.weights_seed)
+    pipe = ProFusionPipeline.load(args.model or "tiny", args.promptnet, args.device, args.dtype, args.weights_seed)
     from profusion_rt.core.presets import announce_random_weights
 
     announce_random_weights(pipe)
@@ -225,7 +202,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         preset = get_preset(args.model)
         components, resolution, name = build_components(preset, device="meta"), preset.resolution, args.model
     else:
-        pipe = load_pipeline(args.model, args.promptnet)
+        pipe = ProFusionPipeline.load(args.model, args.promptnet)
         components, resolution, name = pipe.components(), pipe.resolution, args.model
     costs = count_network_costs(components, resolution)
     print(f"model: {name}   resolution: {resolution}px   text layers skipped: {components.text_skip_layers}")

@@ -70,13 +70,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from profusion_rt.cli import load_pipeline
+    from profusion_rt.pipeline import ProFusionPipeline
     from profusion_rt.runtime import create_runtime
     from profusion_rt.serve import create_app
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
+    pipe = ProFusionPipeline.load(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
     pipe.progress_bar = False
     from profusion_rt.core.presets import announce_random_weights
 

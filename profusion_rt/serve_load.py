@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        from profusion_rt.cli import load_pipeline
+        from profusion_rt.pipeline import ProFusionPipeline
         from profusion_rt.runtime import create_runtime
         from profusion_rt.serve import BackgroundServer, ServeConfig, create_app
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        pipe = load_pipeline(args.model)
+        pipe = ProFusionPipeline.load(args.model)
         pipe.progress_bar = False
         from profusion_rt.core.presets import announce_random_weights
 

@@ -148,7 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from profusion_rt.cli import load_pipeline, package_version
+    from profusion_rt.cli import package_version
+    from profusion_rt.pipeline import ProFusionPipeline
     from profusion_rt.core.presets import announce_random_weights, has_random_weights, weights_label
 
     if args.threads is not None:
@@ -158,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         clip_folder = str(Path(args.model) / "openclip")
     pipe = None
     if not folder_mode or clip_folder is None:
-        pipe = load_pipeline(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
+        pipe = ProFusionPipeline.load(args.model, args.promptnet, args.device, args.dtype, args.weights_seed)
         pipe.progress_bar = False
         announce_random_weights(pipe)
     clip = (metrics.ClipEmbedder.from_folder(clip_folder, pipe.tokenizer if pipe is not None else None)

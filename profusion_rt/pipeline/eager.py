@@ -31,27 +31,35 @@ import torch
 from tqdm.auto import tqdm
 
 from profusion_rt import sampling
-from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.dtypes import torch_dtype
+from profusion_rt.core.errors import (
+    InvalidParameterError,
+    ModelLoadError,
+    ProFusionError,
+)
 from profusion_rt.core.finite import FiniteGuard
+from profusion_rt.core.presets import get_preset, preset_names
 from profusion_rt.models.factory import Components, build_components
+from profusion_rt.models.hub import looks_like_hub_id
+from profusion_rt.models.loading import load_components, save_components
 from profusion_rt.models.stages import guided_eps, placeholder_conditioning
-from profusion_rt.core.presets import get_preset
 
 logger = logging.getLogger(__name__)
 
 
 
 from profusion_rt.pipeline.request import (
-    ReferenceEncoding,
-    EncodedPrompts,
-    ProFusionOutput,
-    PreparedRequest,
-    TorchEncoders,
-    RequestPreparation,
-    step_callback_inputs,
-    _callback_tensor,
     OUTPUT_TYPES,
+    EncodedPrompts,
+    PreparedRequest,
+    ProFusionOutput,
+    ReferenceEncoding,
+    RequestPreparation,
+    TorchEncoders,
+    _callback_tensor,
+    step_callback_inputs,
 )
+
 
 class ProFusionPipeline(RequestPreparation):
     """ProFusion on Stable Diffusion 2: PromptNet turns a reference photo into S*, Fusion Sampling generates.
@@ -124,18 +132,32 @@ class ProFusionPipeline(RequestPreparation):
         plain SD2 folder with the PromptNet (and image encoder) in ``promptnet_path``. ``path`` and
         ``promptnet_path`` may be Hugging Face hub ids (``org/name``; a local folder of that name wins):
         ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to ``huggingface_hub``."""
-        from profusion_rt.models.loading import load_components
-
         components, meta = load_components(path, promptnet_path, revision=revision, cache_dir=cache_dir,
                                            local_files_only=local_files_only, token=token)
         return cls.from_components(components, resolution=meta.get("resolution"), preset=meta.get("preset")).to(
             device, dtype
         )
 
+    @classmethod
+    def load(cls, model: str | Path, promptnet: str | Path | None = None, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "fp32", seed: int = 0, **hub_kwargs) -> "ProFusionPipeline":
+        """The one loader behind every command: ``model`` is a model folder, a preset name (random weights
+        drawn from ``seed``) or a Hugging Face hub id ``org/name`` (a local folder wins; the hub honours
+        HF_HOME, HF_HUB_OFFLINE and HF_TOKEN); ``promptnet`` a folder or hub id (folders and hub ids only);
+        ``dtype`` a precision name (``fp32``/``fp16``/``bf16``) or a torch dtype; ``hub_kwargs`` go to
+        :meth:`from_pretrained` (``revision``, ``cache_dir``, ``local_files_only``, ``token``)."""
+        model = str(model)
+        dtype = torch_dtype(dtype)
+        if Path(model).is_dir() or (model not in preset_names() and looks_like_hub_id(model)):
+            return cls.from_pretrained(model, promptnet_path=promptnet, device=device, dtype=dtype, **hub_kwargs)
+        if promptnet is not None:
+            raise ProFusionError("--promptnet needs --model to be a model folder or hub id")
+        if model in preset_names() or "/" not in model:
+            return cls.from_preset(model, seed=seed, device=device, dtype=dtype)
+        raise ModelLoadError(f"model folder {model} does not exist")
+
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write every component in safetensors (atomically: a temporary folder renamed at the end)."""
-        from profusion_rt.models.loading import save_components
-
         return save_components(self, Path(path), overwrite=overwrite)
 
     def components(self) -> Components:

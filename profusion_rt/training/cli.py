@@ -146,9 +146,9 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from profusion_rt.cli import load_pipeline
+    from profusion_rt.pipeline import ProFusionPipeline
 
-    return load_pipeline(args.model, args.promptnet, args.device, "fp32", args.weights_seed)
+    return ProFusionPipeline.load(args.model, args.promptnet, args.device, "fp32", args.weights_seed)
 
 
 def _load_for_pretraining(args: argparse.Namespace):
