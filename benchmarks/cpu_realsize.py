@@ -49,7 +49,7 @@ ROWS = (
     Row("bf16 torch.compile", "torch-compile", "bf16"),
 )
 ROW_KEYS = {"fp32-eager": 0, "bf16-eager": 1, "bf16-torch": 2, "fp32-onnxruntime": 3, "bf16-torch-compile": 4}
-PROMPT = "a {S*} wearing sunglasses, oil painting"
+from profusion_rt.core.samples import DEMO_PROMPT as PROMPT
 ORT_SKIP = ("skipped: exporting the SD2-base stage graphs takes many minutes and several GB on this CPU; "
             "pass --with-onnxruntime to run it")
 
@@ -97,7 +97,7 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
 
     from profusion_rt.benchmarks.measure import peak_rss_mb
     from profusion_rt.artifacts.store import atomic_write_json
-    from profusion_rt.demo import demo_reference_image
+    from profusion_rt.core.samples import demo_reference_image
     from profusion_rt.core.errors import NonFiniteError
 
     if job.get("threads"):

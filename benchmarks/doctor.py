@@ -247,7 +247,7 @@ class Doctor:
     @property
     def image(self):
         if self._image is None:
-            from profusion_rt.demo import demo_reference_image
+            from profusion_rt.core.samples import demo_reference_image
 
             self._image = demo_reference_image()
         return self._image
@@ -271,7 +271,7 @@ class Doctor:
         return self._pipe
 
     def request(self, seed: int, steps: int) -> dict:
-        from profusion_rt.demo import DEMO_PROMPT
+        from profusion_rt.core.samples import DEMO_PROMPT
 
         return dict(reference_image=self.image, prompt=DEMO_PROMPT, num_inference_steps=steps, seed=seed,
                     fusion_steps=1)

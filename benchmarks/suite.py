@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: default output folders are relative to the working directory
 ROOT = Path(".")
-DEMO_PROMPT = "a {S*} wearing sunglasses, oil painting"
+from profusion_rt.core.samples import DEMO_PROMPT
 
 #: Every row of the end-to-end table, in order: name -> how the worker runs it.
 BACKEND_ROWS: dict[str, dict[str, Any]] = {

@@ -42,7 +42,7 @@ PHASES = ("total_s", "prepare_s", "loop_s", "decode_s", "cpu_s")
 logger = logging.getLogger(__name__)
 
 EAGER = "eager"
-DEMO_PROMPT = "a {S*} wearing sunglasses, oil painting"
+from profusion_rt.core.samples import DEMO_PROMPT
 
 
 def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
@@ -65,7 +65,7 @@ def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
 
 
 def _request(job: dict[str, Any], **overrides) -> dict[str, Any]:
-    from profusion_rt.demo import demo_reference_image
+    from profusion_rt.core.samples import demo_reference_image
 
     request = dict(job["request"], **overrides)
     request["reference_image"] = demo_reference_image() if request.pop("reference", "demo") == "demo" else None

@@ -20,27 +20,13 @@ import platform
 import time
 from pathlib import Path
 
+from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
+
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPT = "a {S*} wearing sunglasses, oil painting"
 BACKEND_ORDER = ("eager", "torch", "torch-compile", "onnxruntime", "onnxruntime-artifacts", "tensorrt")
 #: demo rows that are not backend names -> the backend they run (from the artifact folder alone)
 ROW_BACKENDS = {"onnxruntime-artifacts": "onnxruntime"}
-
-
-def demo_reference_image():
-    """scikit-image's bundled astronaut photo (a face), as a PIL image; no download."""
-    from PIL import Image
-
-    try:
-        from skimage import data
-    except ImportError:  # pragma: no cover - scikit-image is in the test extra
-        import numpy as np
-
-        logger.warning("scikit-image is not installed; using a synthetic reference image")
-        y, x = np.mgrid[0:256, 0:256]
-        return Image.fromarray(np.stack([x, y, (x + y) // 2], -1).astype("uint8"))
-    return Image.fromarray(data.astronaut())
 
 
 def export_demo_artifacts(pipe, root: Path) -> list:

@@ -47,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def reference_image_png() -> bytes:
-    from profusion_rt.demo import demo_reference_image
+    from profusion_rt.core.samples import demo_reference_image
 
     buf = io.BytesIO()
     demo_reference_image().save(buf, format="PNG")

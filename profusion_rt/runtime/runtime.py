@@ -31,6 +31,7 @@ import torch
 
 from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.core.finite import check_finite
+from profusion_rt.core.samples import synthetic_reference_image
 from profusion_rt.models.stages import STAGE_OUTPUT
 from profusion_rt.pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
 from profusion_rt.runtime.engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
@@ -194,9 +195,7 @@ class Runtime:
         """Run one request so compilation, engine set-up and CUDA-graph capture happen before serving.
         Capture is per shape (batch, steps, fusion steps): warm up with the served ``num_inference_steps``
         so that no capture happens later, while a customization thread may be using the GPU."""
-        from profusion_rt.demo import demo_reference_image
-
-        kwargs.setdefault("reference_image", demo_reference_image())
+        kwargs.setdefault("reference_image", synthetic_reference_image())
         kwargs.setdefault("prompt", "a {S*}")
         self(output_type="latent", **kwargs)
 

@@ -14,7 +14,7 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 #: source folder of each installed name prefix (pyproject's package-dir)
 ROOTS = {"profusion_rt": "profusion_rt", "profusion_rt.export": "export", "profusion_rt.benchmarks": "benchmarks"}
 

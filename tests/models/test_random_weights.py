@@ -59,7 +59,7 @@ def test_generate_announces_once_and_writes_metadata(tmp_path, reference_png, ca
 def test_export_announces_once(tmp_path, caplog, monkeypatch):
     import profusion_rt.export.cache
 
-    monkeypatch.setattr(export.cache.ArtifactBuilder, "run", lambda self, *a, **k: [])
+    monkeypatch.setattr(profusion_rt.export.cache.ArtifactBuilder, "run", lambda self, *a, **k: [])
     with caplog.at_level(logging.WARNING):
         assert main(["export", "--model", "tiny", "--out", str(tmp_path), "--no-progress"]) == 0
     assert _announcements(caplog) == [LINE]
