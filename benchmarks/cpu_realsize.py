@@ -96,7 +96,7 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from profusion_rt.benchmarks.measure import peak_rss_mb
-    from profusion_rt.artifacts.store import atomic_write_json
+    from profusion_rt.core.fsio import atomic_write_json
     from profusion_rt.core.samples import demo_reference_image
     from profusion_rt.core.errors import NonFiniteError
 
@@ -193,7 +193,7 @@ def run_benchmark(model: str = "sd2-base", steps: int = 2, rows: list[str] | Non
                   log=print) -> dict[str, Any]:
     """Run the rows (keys of :data:`ROW_KEYS`, default all) and write results.json and results.md."""
     from profusion_rt.benchmarks.measure import load_average, machine_info, versions
-    from profusion_rt.artifacts.store import atomic_write_bytes, atomic_write_json
+    from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
     from profusion_rt.core.errors import InvalidParameterError
     from profusion_rt.core.hardware import bf16_support
 
@@ -316,7 +316,7 @@ def cmd_bench_cpu(args: argparse.Namespace) -> int:
 
 
 def _worker_main(job: dict[str, Any]) -> int:
-    from profusion_rt.artifacts.store import atomic_write_json
+    from profusion_rt.core.fsio import atomic_write_json
     from profusion_rt.core.errors import ProFusionError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

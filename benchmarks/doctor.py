@@ -701,7 +701,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-    from profusion_rt.artifacts.store import atomic_write_bytes, atomic_write_json
+    from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     md = atomic_write_bytes(out / "doctor.md", markdown(report).encode())

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 
 from profusion_rt.artifacts.specs import GRAPHS, GraphSpec, get_graph, model_dims, precision_dtype, torch_dtype
 from profusion_rt.artifacts.store import (FORMAT_VERSION, ONNX_FILE, OPT_ONNX_FILE, ORT_ONNX_FILE, RUNTIME_JSON,
-                                          ArtifactStore, atomic_write_json, file_record, model_hash, read_manifest,
-                                          shape_key, stage_key, tool_versions, verify_files, write_runtime_metadata)
+                                          ArtifactStore, file_record, model_hash, read_manifest, shape_key, stage_key,
+                                          tool_versions, verify_files, write_runtime_metadata)
 from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.fsio import atomic_write_json
 
 from profusion_rt.export.onnx_export import EXPORTERS, check_opset, export_onnx, resolve_exporter
 from profusion_rt.export.validate import ValidationError

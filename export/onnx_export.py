@@ -27,8 +27,9 @@ from typing import Any, Mapping
 import torch
 
 from profusion_rt.artifacts.specs import GraphSpec
-from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD, file_mode, move_into_place, staging_dir
+from profusion_rt.artifacts.store import EXTERNAL_DATA_THRESHOLD
 from profusion_rt.core.errors import InvalidParameterError, ProFusionError
+from profusion_rt.core.fsio import file_mode, move_into_place, staging_dir
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from profusion_rt.artifacts.store import move_into_place, staging_dir
+from profusion_rt.core.fsio import move_into_place, staging_dir
 
 from profusion_rt.export.onnx_export import save_model
 

@@ -177,9 +177,6 @@ class _Graph:
         self.inits = {t.name: t for t in graph.initializer}
         self.value_info = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
 
-    def uses(self, name: str) -> int:
-        return len(self.consumers.get(name, ())) + (name in self.pinned)
-
     def only_consumer(self, name: str, what: str):
         """The one node reading ``name``; :class:`_NoMatch` when it has several readers or is a graph output."""
         cons = self.consumers.get(name, [])
@@ -659,7 +656,7 @@ def write_ort_model(src: str | os.PathLike, dst: str | os.PathLike) -> OrtModelI
     are written inline (the model is then under 2 GB, since ``src`` was)."""
     import onnx
 
-    from profusion_rt.artifacts.store import file_mode, move_into_place, staging_dir
+    from profusion_rt.core.fsio import file_mode, move_into_place, staging_dir
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)

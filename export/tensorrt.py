@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from profusion_rt.artifacts.specs import GraphSpec
-from profusion_rt.artifacts.store import (ArtifactEntry, atomic_write_bytes, file_digest, gpu_slug, plan_filename,
-                                          stage_key)
+from profusion_rt.artifacts.store import ArtifactEntry, file_digest, gpu_slug, plan_filename, stage_key
 from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
+from profusion_rt.core.fsio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

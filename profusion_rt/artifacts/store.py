@@ -32,15 +32,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from profusion_rt.core.errors import ModelLoadError, ProFusionError
+from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json, json_default, replace_dir, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,6 @@ __all__ = [
     "ArtifactEntry",
     "ArtifactStore",
     "RuntimeMetadata",
-    "atomic_write_bytes",
-    "atomic_write_json",
     "file_digest",
     "gpu_slug",
     "load_runtime_metadata",
@@ -101,18 +98,8 @@ def file_digest(path: str | os.PathLike, chunk: int = 8 * 1024 * 1024) -> str:
     return h.hexdigest()
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
 
 
 def stage_key(**parts: Any) -> str:
@@ -234,69 +221,6 @@ def tool_versions() -> dict[str, str | None]:
         "polygraphy": _dist_version("polygraphy"),
         "tensorrt": trt,
     }
-
-
-# -- atomic writes ---------------------------------------------------------------------------------------
-def file_mode() -> int:
-    """0o666 less the process umask: what a plain ``open(..., "w")`` would give (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
-
-
-@contextlib.contextmanager
-def staging_dir(parent: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder inside ``parent`` (same file system, so its files can be renamed into place),
-    removed afterwards whatever happens."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def move_into_place(files: Mapping[Path, Path]) -> None:
-    """Rename staged files (src -> dst) in order; put data files before the model file that names them."""
-    for src, dst in files.items():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-    for parent in {dst.parent for dst in files.values()}:
-        _fsync_dir(parent)
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -565,11 +489,7 @@ def write_runtime_metadata(root: str | os.PathLike, pipe: Any, model_hash_: str)
     if pipe.tokenizer is not None:
         with staging_dir(folder) as tmp:
             pipe.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            old = folder / f".{TOKENIZER_DIR}.old-{os.getpid()}"
-            if tok_dir.exists():
-                os.replace(tok_dir, old)
-            os.replace(tmp / TOKENIZER_DIR, tok_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp / TOKENIZER_DIR, tok_dir)
     token_embedding = write_token_embedding(folder, pipe.text_encoder, model_hash_)
     scheduler_cfg = {k: v for k, v in dict(pipe.scheduler.config).items()}
     scheduler_cfg.setdefault("_class_name", type(pipe.scheduler).__name__)

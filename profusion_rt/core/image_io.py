@@ -2,7 +2,7 @@
 
 Input images are accepted as a path, raw bytes, a PIL image or a numpy array and always come back as an
 RGB ``PIL.Image``; anything unusable raises :class:`ImageError` with a one-line message naming the source.
-Output images are written atomically (temporary file in the same folder, then ``os.replace``).
+Output images are written atomically (:func:`profusion_rt.core.fsio.atomic_write`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Union
@@ -20,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from profusion_rt.core.errors import ImageError, InvalidParameterError, OutputPathError
+from profusion_rt.core.fsio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -363,29 +363,10 @@ def save_image(image: Image.Image | torch.Tensor | np.ndarray, path: str | os.Pa
     except OSError as exc:
         raise OutputPathError(f"cannot create output folder {folder}: {_one_line(exc)}") from exc
 
-    temp: Path | None = None
-    try:
-        while True:
-            temp = folder / f".{target.name}.{secrets.token_hex(6)}.tmp"
-            try:
-                # mode 0o666 lets the umask decide the permissions, like an ordinary new file
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                break
-            except FileExistsError:
-                continue
-        with os.fdopen(fd, "wb") as fh:
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as fh:
             image.save(fh, format=image_format, **save_options)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, target)
-        temp = None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OutputPathError(f"cannot write image to {target}: {_one_line(exc)}") from exc
-    finally:
-        if temp is not None:
-            try:
-                temp.unlink()
-            except OSError:
-                pass
+
+    atomic_write(target, write, what="image", errors=(OSError, ValueError, KeyError, TypeError))
     logger.debug("wrote %s (%dx%d, %s)", target, image.width, image.height, image_format)
     return target

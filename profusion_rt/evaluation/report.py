@@ -119,7 +119,7 @@ def write_outputs(out: str | Path, report: dict[str, Any], grid_image: Image.Ima
     first, then ``grid.png``, ``eval.md`` and last ``eval.json``."""
     import json
 
-    from profusion_rt.artifacts.store import atomic_write_bytes
+    from profusion_rt.core.fsio import atomic_write_bytes
     from profusion_rt.core.errors import OutputPathError
 
     out = Path(out)

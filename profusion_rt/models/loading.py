@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from profusion_rt.core.errors import ModelLoadError, OutputPathError
+from profusion_rt.core.fsio import replace_dir
 from profusion_rt.models.factory import Components, build_scheduler
 from profusion_rt.models.clip_heads import FOLDER as CLIP_HEADS_FOLDER
 from profusion_rt.models.clip_heads import ClipProjections
@@ -430,24 +430,13 @@ def save_components(pipe, path: Path, overwrite: bool = False) -> Path:
             },
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        _move_into_place(tmp, path)
+        replace_dir(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise OutputPathError(f"cannot write model to {path}: {exc}") from exc
         raise
     return path
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Replace ``path`` (if any) by the finished folder ``tmp`` with renames, removing the old one last."""
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def convert_model(model: str | Path, out: str | Path, promptnet_path: str | Path | None = None,
@@ -474,7 +463,7 @@ def convert_model(model: str | Path, out: str | Path, promptnet_path: str | Path
         if reloaded_meta.get("resolution") != pipe.resolution:
             raise ModelLoadError(f"conversion check failed: resolution {reloaded_meta.get('resolution')} after "
                                  f"reload, {pipe.resolution} before")
-        _move_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, (ModelLoadError, OutputPathError)):

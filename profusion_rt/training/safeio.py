@@ -1,8 +1,7 @@
 """safetensors files written atomically, read with typed errors.
 
-A file is written to a temporary name in its destination folder, flushed to disk and moved into place with
-``os.replace``: a reader (or a crash, or Ctrl-C) never sees a half-written file, and an existing file of
-the same name stays intact until the new one is complete.
+Files are written with :func:`profusion_rt.core.fsio.atomic_write`: a reader (or a crash, or Ctrl-C) never
+sees a half-written file, and an existing file of the same name stays intact until the new one is complete.
 """
 
 from __future__ import annotations
@@ -10,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from profusion_rt.core.errors import ModelLoadError, OutputPathError
+from profusion_rt.core.errors import ModelLoadError
+from profusion_rt.core.fsio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -25,23 +24,8 @@ def save_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
     """Write ``tensors`` (moved to the CPU, made contiguous) and string ``metadata`` to ``path`` atomically."""
     from safetensors.torch import save_file
 
-    target = Path(path)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_file(data, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputPathError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        raise
+    target = atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
     logger.debug("wrote %s (%d tensors)", target, len(data))
     return target
 

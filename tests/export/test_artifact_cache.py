@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from profusion_rt.artifacts.specs import GRAPHS
-from profusion_rt.artifacts.store import (ONNX_FILE, OPT_ONNX_FILE, ArtifactStore, atomic_write_bytes,
-                                          load_runtime_metadata, model_hash, shape_key)
+from profusion_rt.artifacts.store import (ONNX_FILE, OPT_ONNX_FILE, ArtifactStore, load_runtime_metadata, model_hash,
+                                          shape_key)
+from profusion_rt.core.fsio import atomic_write_bytes
 
 GRAPH = "text_encoder_placeholder"  # the smallest graph: exports in about a second
 
