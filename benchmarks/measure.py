@@ -132,15 +132,6 @@ def current_rss_mb() -> float | None:
         return None
 
 
-def peak_memory(device) -> dict[str, float | None]:
-    import torch
-
-    out: dict[str, float | None] = {"peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": None}
-    if torch.device(device).type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

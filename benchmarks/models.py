@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-DTYPES = ("fp32", "fp16", "bf16")
-
 
 def torch_dtype(name: str):
     import torch

@@ -321,11 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_parsers():
-    """Subcommands registered by other layers (training, export, runtime, benchmarks, serving)."""
+    """Subcommands registered by other layers (training, export, benchmarks, serving, evaluation)."""
     import importlib
 
     found = []
-    for module in ("profusion_rt.training.cli", "profusion_rt.export.cli", "profusion_rt.runtime.cli",
+    for module in ("profusion_rt.training.cli", "profusion_rt.export.cli",
                    "profusion_rt.benchmarks.cli", "profusion_rt.benchmarks.cpu_realsize", "profusion_rt.serve_cli",
                    "profusion_rt.evaluation.cli"):
         try:

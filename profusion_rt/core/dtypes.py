@@ -39,8 +39,3 @@ def precision_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, str):
         dtype = torch_dtype(dtype)
     return _PRECISION_OF.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def torch_name(dtype: torch.dtype | str) -> str:
-    """``torch.float16`` or ``"fp16"`` -> ``"float16"`` (torch's spelling, as stored in specs and metadata)."""
-    return str(torch_dtype(dtype)).removeprefix("torch.")

@@ -21,7 +21,6 @@ import torch
 
 from profusion_rt.core.errors import NonFiniteError
 
-REDUCED = (torch.float16, torch.bfloat16)
 _NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 

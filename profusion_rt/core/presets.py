@@ -63,10 +63,6 @@ class Preset:
     random_weights: bool = True
 
     @property
-    def latent_size(self) -> int:
-        return self.resolution // self.vae_scale_factor
-
-    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
