@@ -1,4 +1,4 @@
-"""``profusion-rt bench`` (also ``python -m profusion_rt.benchmarks``): the benchmark suite against eager PyTorch."""
+"""``profusion-rt bench``: the benchmark suite against eager PyTorch."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+
+from profusion_rt.benchmarks.doctor import register as register_doctor
+from profusion_rt.benchmarks.suite import SuiteConfig, run_suite
+
+from profusion_rt.core.errors import InvalidParameterError
 
 EPILOG = """examples:
   profusion-rt bench --quick                      # tiny preset on the CPU, about 2 minutes on 2 cores
@@ -63,15 +68,12 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(handler=cmd_bench)
-    from profusion_rt.benchmarks.doctor import register as register_doctor
 
     register_doctor(subparsers)  # profusion-rt doctor (benchmarks/doctor.py)
 
 
 def config_from_args(args: argparse.Namespace):
-    from profusion_rt.core.errors import InvalidParameterError
 
-    from profusion_rt.benchmarks.suite import SuiteConfig
 
     overrides = {}
     for key in ("model", "device", "dtype", "reference_dtype", "steps", "fusion_steps", "batch", "repeats",
@@ -108,7 +110,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from profusion_rt.benchmarks.suite import run_suite
 
     cfg = config_from_args(args)
     if cfg.mode == "full" and cfg.device == "cpu":
@@ -123,14 +124,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text().split("## End to end", 1)[-1].split("## ", 1)[0].strip())
     failed = [r["name"] for r in results["e2e"] if not r.get("ok") and str(r.get("reason", "")).startswith("failed")]
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m profusion_rt.benchmarks ARGS`` is ``profusion-rt bench ARGS`` (same parser, same error handling)."""
-    from profusion_rt.cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

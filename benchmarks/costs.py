@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from profusion_rt.benchmarks.models import meta_components
+
+from profusion_rt.models.flops import count_network_costs
+
 #: The stage micro-benchmarks: (stage as the issue names it, graph, batch multiplier per image, what).
 STAGES: tuple[tuple[str, str, int, str], ...] = (
     ("reference encoding", "vae_encoder", 1, "VAE encoder, reference image -> z_ref (once per request)"),
@@ -41,9 +45,7 @@ class NetworkFlops:
 
     @classmethod
     def count(cls, model: str = "tiny", resolution: int | None = None) -> "NetworkFlops | None":
-        from profusion_rt.models.flops import count_network_costs
 
-        from profusion_rt.benchmarks.models import meta_components
 
         built = meta_components(model, resolution)
         if built is None:
@@ -54,7 +56,6 @@ class NetworkFlops:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "NetworkFlops":
-        from profusion_rt.models.flops import count_network_costs
 
         costs = {c.name: c.flops for c in count_network_costs(pipe.components(), pipe.resolution, batch=1)}
         return cls(**costs)

@@ -31,6 +31,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from profusion_rt.benchmarks.measure import (
+    load_average,
+    machine_info,
+    peak_rss_mb,
+    versions,
+)
+from profusion_rt.benchmarks.models import torch_dtype
+from profusion_rt.benchmarks.runner import _worker_env, failure_reason
+from profusion_rt.export.cache import export_artifacts
+
+from profusion_rt.core.errors import (
+    InvalidParameterError,
+    NonFiniteError,
+    ProFusionError,
+)
+from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
+from profusion_rt.core.hardware import bf16_support, cpu_model
+from profusion_rt.core.presets import get_preset
+from profusion_rt.core.samples import demo_reference_image
+from profusion_rt.models.factory import build_components
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import create_runtime
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,6 +73,7 @@ ROWS = (
 )
 ROW_KEYS = {"fp32-eager": 0, "bf16-eager": 1, "bf16-torch": 2, "fp32-onnxruntime": 3, "bf16-torch-compile": 4}
 from profusion_rt.core.samples import DEMO_PROMPT as PROMPT
+
 ORT_SKIP = ("skipped: exporting the SD2-base stage graphs takes many minutes and several GB on this CPU; "
             "pass --with-onnxruntime to run it")
 
@@ -61,10 +85,6 @@ def random_pipeline(model: str, precision: str, seed: int = 0):
     in ``precision`` (see the module docstring)."""
     import torch
 
-    from profusion_rt.benchmarks.models import torch_dtype
-    from profusion_rt.models.factory import build_components
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.core.presets import get_preset
 
     preset = get_preset(model)
     components = build_components(preset, device="meta")
@@ -95,10 +115,6 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
     says how far it got."""
     import torch
 
-    from profusion_rt.benchmarks.measure import peak_rss_mb
-    from profusion_rt.core.fsio import atomic_write_json
-    from profusion_rt.core.samples import demo_reference_image
-    from profusion_rt.core.errors import NonFiniteError
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -112,7 +128,6 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
     pipe = random_pipeline(job["model"], job["precision"], job.get("seed", 0))
     generate = pipe
     if job["backend"] != "eager":
-        from profusion_rt.runtime import create_runtime
 
         options = {"precision": job["precision"]} if job["backend"] == "onnxruntime" else {}
         generate = create_runtime(pipe, job["backend"], artifacts=job.get("artifacts"), **options)
@@ -149,13 +164,11 @@ def cpu_slug(name: str) -> str:
 
 
 def default_out() -> Path:
-    from profusion_rt.core.hardware import cpu_model
 
     return Path("benchmarks") / "results" / f"cpu-realsize-{cpu_slug(cpu_model())}"
 
 
 def _run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    from profusion_rt.benchmarks.runner import _worker_env, failure_reason
 
     cmd = [sys.executable, "-m", "profusion_rt.benchmarks.cpu_realsize", "--worker", json.dumps(job)]
     try:
@@ -177,7 +190,6 @@ def _export_ort(model: str, artifacts: Path, timeout: float) -> str | None:
     """Export the two fp32 stage graphs of the row's random weights (in a child process); None when done,
     else the reason."""
     job = {"export": True, "model": model, "artifacts": str(artifacts)}
-    from profusion_rt.benchmarks.runner import _worker_env, failure_reason
 
     cmd = [sys.executable, "-m", "profusion_rt.benchmarks.cpu_realsize", "--worker", json.dumps(job)]
     try:
@@ -192,10 +204,6 @@ def run_benchmark(model: str = "sd2-base", steps: int = 2, rows: list[str] | Non
                   with_onnxruntime: bool = False, row_timeout_s: float | None = None,
                   log=print) -> dict[str, Any]:
     """Run the rows (keys of :data:`ROW_KEYS`, default all) and write results.json and results.md."""
-    from profusion_rt.benchmarks.measure import load_average, machine_info, versions
-    from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
-    from profusion_rt.core.errors import InvalidParameterError
-    from profusion_rt.core.hardware import bf16_support
 
     if steps < 1:
         raise InvalidParameterError("--steps must be at least 1")
@@ -316,13 +324,10 @@ def cmd_bench_cpu(args: argparse.Namespace) -> int:
 
 
 def _worker_main(job: dict[str, Any]) -> int:
-    from profusion_rt.core.fsio import atomic_write_json
-    from profusion_rt.core.errors import ProFusionError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if job.get("export"):
-            from profusion_rt.export.cache import export_artifacts
 
             pipe = random_pipeline(job["model"], "fp32")
             export_artifacts(pipe, job["artifacts"], graphs=["fusion_stage", "refinement_stage"], validate=False)
@@ -334,9 +339,7 @@ def _worker_main(job: dict[str, Any]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(json.loads(sys.argv[2])))
-    from profusion_rt.cli import main as cli_main
-
-    sys.exit(cli_main(["bench-cpu", *sys.argv[1:]]))
+if __name__ == "__main__":  # a worker process of ``profusion-rt bench-cpu``
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        sys.exit("usage: profusion-rt bench-cpu ... (this module runs the rows as `--worker JOB`)")
+    sys.exit(_worker_main(json.loads(sys.argv[2])))

@@ -45,6 +45,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from profusion_rt.benchmarks.measure import machine_info, make_sync, summarize, versions
+from profusion_rt.benchmarks.models import build_pipeline
+from profusion_rt.benchmarks.worker import _runtime_generate, make_generate
+from profusion_rt.export.cache import export_artifacts
+
+from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
+from profusion_rt.core.errors import (
+    BackendUnavailableError,
+    InvalidParameterError,
+    OutputPathError,
+)
+from profusion_rt.core.finite import check_finite
+from profusion_rt.core.hardware import bf16_support
+from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import create_runtime
+from profusion_rt.runtime.backends import STAGE_GRAPHS
+from profusion_rt.runtime.parity import compare
+from profusion_rt.training.jobs import customize
+from profusion_rt.training.trainer import TrainConfig, trainable_parameters
+
 logger = logging.getLogger(__name__)
 
 CHECKS = ("tiny-fp32", "torch-compile", "sd2-base-fp16", "onnxruntime", "tensorrt", "customize")
@@ -130,7 +151,6 @@ class Timed:
 
 
 def _sync_fn(device):
-    from profusion_rt.benchmarks.measure import make_sync
 
     return make_sync(device)
 
@@ -155,9 +175,7 @@ def environment(device) -> dict[str, Any]:
     """Versions and hardware: torch, CUDA, cuDNN, onnxruntime (+ providers), TensorRT, polygraphy, CPU, bf16."""
     import torch
 
-    from profusion_rt.core.hardware import bf16_support
 
-    from profusion_rt.benchmarks.measure import machine_info, versions
 
     env: dict[str, Any] = {"versions": versions(), "machine": machine_info(device)}
     env["torch"] = torch.__version__
@@ -247,7 +265,6 @@ class Doctor:
     @property
     def image(self):
         if self._image is None:
-            from profusion_rt.core.samples import demo_reference_image
 
             self._image = demo_reference_image()
         return self._image
@@ -256,7 +273,6 @@ class Doctor:
     def cpu_pipe(self):
         """The tiny preset (seed 0) built on the CPU: the weights every tiny check uses (and exports)."""
         if self._cpu_pipe is None:
-            from profusion_rt.pipeline import ProFusionPipeline
 
             self._cpu_pipe = ProFusionPipeline.from_preset("tiny", seed=0)
             self._cpu_pipe.progress_bar = False
@@ -271,7 +287,6 @@ class Doctor:
         return self._pipe
 
     def request(self, seed: int, steps: int) -> dict:
-        from profusion_rt.core.samples import DEMO_PROMPT
 
         return dict(reference_image=self.image, prompt=DEMO_PROMPT, num_inference_steps=steps, seed=seed,
                     fusion_steps=1)
@@ -305,7 +320,6 @@ class Doctor:
                         ) -> dict[str, Any]:
         """Run ``runtime`` on ``requests`` in order; each against the eager reference of the same seed and
         steps: element-wise parity (or, with ``psnr_floor``, finite and at least that PSNR)."""
-        from profusion_rt.runtime.parity import compare
 
         worst: dict[str, Any] = {}
         last = 0.0
@@ -338,10 +352,7 @@ class Doctor:
 
     # -- the checks ----------------------------------------------------------------------------------------
     def check_tiny_fp32(self) -> dict[str, Any]:
-        from profusion_rt.runtime import create_runtime
-        from profusion_rt.runtime.parity import compare
 
-        from profusion_rt.benchmarks.worker import _runtime_generate, make_generate
 
         # the first two references (the others are computed when a backend reaches them)
         a, b = (self.reference(*key) for key in REQUESTS[:2])
@@ -366,9 +377,7 @@ class Doctor:
         import torch._dynamo
         from torch._dynamo.utils import counters
 
-        from profusion_rt.runtime import create_runtime
 
-        from profusion_rt.benchmarks.worker import _runtime_generate
 
         label = "torch-compile+cuda-graph" if self.kind == "cuda" else "torch-compile"
         runtime = create_runtime(self.pipe, "torch-compile")
@@ -400,12 +409,7 @@ class Doctor:
     def check_sd2_fp16(self) -> dict[str, Any]:
         import torch
 
-        from profusion_rt.core.finite import check_finite
-        from profusion_rt.runtime import create_runtime
-        from profusion_rt.runtime.parity import compare
 
-        from profusion_rt.benchmarks.models import build_pipeline
-        from profusion_rt.benchmarks.worker import _runtime_generate, make_generate
 
         pipe = build_pipeline("sd2-base", str(self.device), "fp16", seed=0)
         request = self.request(0, SD2_STEPS)
@@ -433,9 +437,7 @@ class Doctor:
                 "latent_max_rel": p.latent_max_rel}
 
     def export_stages(self, name: str, **options) -> Path:
-        from profusion_rt.export.cache import export_artifacts
 
-        from profusion_rt.runtime.backends import STAGE_GRAPHS
 
         root = self.artifact_root(name)
         reports = export_artifacts(self.cpu_pipe, root, graphs=list(STAGE_GRAPHS), batch=1, exporter="legacy",
@@ -445,9 +447,7 @@ class Doctor:
         return root
 
     def check_onnxruntime(self) -> dict[str, Any]:
-        from profusion_rt.runtime import create_runtime
 
-        from profusion_rt.benchmarks.worker import _runtime_generate
 
         import torch
 
@@ -460,9 +460,7 @@ class Doctor:
         return details
 
     def check_tensorrt(self) -> dict[str, Any]:
-        from profusion_rt.runtime import create_runtime
 
-        from profusion_rt.benchmarks.worker import _runtime_generate
 
         root = self.export_stages("tensorrt", backend="tensorrt", precision="fp16")
         runtime = create_runtime(self.pipe, "tensorrt", artifacts=root, precision="fp16")
@@ -484,8 +482,6 @@ class Doctor:
     def check_customize(self) -> dict[str, Any]:
         import torch
 
-        from profusion_rt.training.jobs import customize
-        from profusion_rt.training.trainer import TrainConfig, trainable_parameters
 
         pipe = copy.deepcopy(self.cpu_pipe).to(self.device)
         before = {k: p.detach().clone() for k, p in trainable_parameters(pipe, "customize").items()}
@@ -612,7 +608,6 @@ class Doctor:
     def timing_table(self) -> list[dict[str, Any]]:
         """Every kept backend: one untimed call, then ``timing_repeats`` timed calls; per-step ms (loop) and
         end to end, vs the same configuration's eager row. Rows that do not fit the budget say so."""
-        from profusion_rt.benchmarks.measure import summarize
 
         rows: list[dict[str, Any]] = []
         if not self.timed:
@@ -701,7 +696,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-    from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     md = atomic_write_bytes(out / "doctor.md", markdown(report).encode())
@@ -743,7 +737,6 @@ def register(subparsers) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
-    from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError, OutputPathError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from profusion_rt.benchmarks.suite import SuiteConfig, run_suite
 
 
 def config(args: argparse.Namespace):
-    from profusion_rt.benchmarks.suite import SuiteConfig
 
     steps = args.steps
     return SuiteConfig.full(
@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}",
               flush=True)
-    from profusion_rt.benchmarks.suite import run_suite
 
     start = time.perf_counter()
     results = run_suite(config(args), log=lambda line: print(line, flush=True))

@@ -21,7 +21,15 @@ import torch
 
 from profusion_rt import sampling
 from profusion_rt.models import text as textenc
-from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, FusionStage, RefinementStage
+from profusion_rt.models.stages import (
+    FUSION_INPUTS,
+    REFINEMENT_INPUTS,
+    FusionStage,
+    RefinementStage,
+)
+from profusion_rt.models.tokenizer import replace_placeholder, tokenize_prompt
+from profusion_rt.runtime import Runtime
+from profusion_rt.runtime.torch_engine import TorchEngine
 
 
 class _OfficialContexts:
@@ -82,7 +90,6 @@ class OfficialRefinementStage(_OfficialContexts, RefinementStage):
 
 def prompt_ids(pipe, prompt: str, class_word: str = "person") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (1, 77) of ∅ and of C~ (the prompt with the class word in place of {S*})."""
-    from profusion_rt.models.tokenizer import replace_placeholder, tokenize_prompt
 
     empty, _ = tokenize_prompt(pipe.tokenizer, "")
     cls, _ = tokenize_prompt(pipe.tokenizer, replace_placeholder(prompt, class_word))
@@ -100,8 +107,6 @@ def official_stage_modules(pipe, prompt: str, class_word: str = "person",
 def official_runtime(pipe, prompt: str, class_word: str = "person", use_cuda_graph: bool | None = False):
     """A :class:`~profusion_rt.runtime.Runtime` whose torch engines run the official-style stages, for a
     like-for-like comparison with the ``torch`` backend (same loop, same buffers)."""
-    from profusion_rt.runtime import Runtime
-    from profusion_rt.runtime.torch_engine import TorchEngine
 
     fusion, refinement = official_stage_modules(pipe, prompt, class_word)
     return Runtime(pipe, TorchEngine(fusion, FUSION_INPUTS, name="torch-official"),

@@ -35,14 +35,35 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from profusion_rt.benchmarks.measure import current_rss_mb, machine_info, peak_rss_mb, summarize, time_calls, versions
+from profusion_rt.benchmarks.measure import (
+    current_rss_mb,
+    machine_info,
+    peak_rss_mb,
+    summarize,
+    time_calls,
+    versions,
+)
 
 PHASES = ("total_s", "prepare_s", "loop_s", "decode_s", "cpu_s")
 
 logger = logging.getLogger(__name__)
 
 EAGER = "eager"
-from profusion_rt.core.samples import DEMO_PROMPT
+from profusion_rt.benchmarks.costs import STAGES, TORCH_ONLY
+from profusion_rt.benchmarks.measure import make_sync, peak_matmul_flops
+from profusion_rt.benchmarks.models import build_pipeline
+from profusion_rt.benchmarks.official import official_runtime, official_stage_modules
+
+from profusion_rt.artifacts.specs import get_graph, torch_dtype
+from profusion_rt.artifacts.store import model_hash
+from profusion_rt.core.errors import ModelLoadError, ProFusionError
+from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
+from profusion_rt.models.tokenizer import replace_placeholder
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import create_runtime
+from profusion_rt.runtime.artifact_pipeline import create_runtime_from_artifacts
+from profusion_rt.runtime.backends import select_artifact
+from profusion_rt.runtime.ort_engine import OrtEngine
 
 
 def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
@@ -51,12 +72,10 @@ def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
     device = job.get("device", "cpu")
     resolution = resolution if resolution is not None else job.get("resolution")
     if torch.device(device).type == "cpu" and resolution is None:
-        from profusion_rt.pipeline import ProFusionPipeline
 
         pipe = ProFusionPipeline.load(job.get("model", "tiny"), None, device, job.get("dtype", "fp32"),
                              job.get("weights_seed", 0))
     else:
-        from profusion_rt.benchmarks.models import build_pipeline
 
         pipe = build_pipeline(job.get("model", "tiny"), device, job.get("dtype", "fp32"),
                               job.get("weights_seed", 0), resolution)
@@ -65,7 +84,6 @@ def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
 
 
 def _request(job: dict[str, Any], **overrides) -> dict[str, Any]:
-    from profusion_rt.core.samples import demo_reference_image
 
     request = dict(job["request"], **overrides)
     request["reference_image"] = demo_reference_image() if request.pop("reference", "demo") == "demo" else None
@@ -76,12 +94,10 @@ def create_backend_runtime(pipe, job: dict[str, Any]):
     """The runtime of ``job['backend']`` over ``pipe`` (``create_runtime``; ``ort_threads`` sets the
     onnxruntime engines' thread count). With ``artifacts_only`` the runtime is built from the artifact
     folder alone and ``pipe`` is not used."""
-    from profusion_rt.runtime import create_runtime
 
     backend = job["backend"]
     if job.get("artifacts_only"):
         # Every network from the exported graphs (Runtime.from_artifacts): the export-then-serve path.
-        from profusion_rt.runtime.artifact_pipeline import create_runtime_from_artifacts
 
         return create_runtime_from_artifacts(job["artifacts"], backend, device=pipe.device,
                                              precision=job.get("precision") or "fp32",
@@ -161,7 +177,6 @@ def task_stages(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
     on a shared machine hits every stage alike."""
     import torch
 
-    from profusion_rt.benchmarks.costs import STAGES, TORCH_ONLY
 
     opts = dict(job.get("stages") or {})
     warmup, repeats = int(opts.get("warmup", 2)), max(int(opts.get("repeats", 7)), 1)
@@ -209,10 +224,8 @@ def task_stages(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
 
 
 def _torch_stage_call(pipe, graph: str, batch: int, prompt: str):
-    from profusion_rt.artifacts.specs import get_graph
 
     if graph in ("fusion_stage_official", "refinement_stage_official"):
-        from profusion_rt.benchmarks.official import official_stage_modules
 
         fusion, refinement = official_stage_modules(pipe, prompt)
         module = fusion if graph.startswith("fusion") else refinement
@@ -228,11 +241,6 @@ def _torch_stage_call(pipe, graph: str, batch: int, prompt: str):
 def _ort_stage_call(pipe, job: dict[str, Any], graph: str, batch: int):
     import torch
 
-    from profusion_rt.artifacts.specs import get_graph, torch_dtype
-    from profusion_rt.artifacts.store import model_hash
-    from profusion_rt.core.errors import ModelLoadError
-    from profusion_rt.runtime.backends import select_artifact
-    from profusion_rt.runtime.ort_engine import OrtEngine
 
     precision = job.get("precision") or "fp32"
     try:
@@ -256,10 +264,7 @@ def task_compare(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
     """Sampling modes at equal steps, interleaved repeat by repeat (drift on a shared machine hits every
     mode alike). Group "eager": the reference pipeline, plain SD2 CFG vs ProFusion with fusion_steps 0, 1,
     2. Group "fused": the torch runtime loop with our minimal stages vs the official-style stages."""
-    from profusion_rt.models.tokenizer import replace_placeholder
-    from profusion_rt.runtime import create_runtime
 
-    from profusion_rt.benchmarks.official import official_runtime
 
     opts = dict(job.get("compare") or {})
     steps = int(opts.get("steps", job["request"].get("num_inference_steps", 10)))
@@ -370,7 +375,6 @@ class Session:
     def __init__(self, job: dict[str, Any]):
         import torch
 
-        from profusion_rt.benchmarks.measure import make_sync
 
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
@@ -408,7 +412,6 @@ class Session:
         return timing
 
     def task(self, name: str) -> Any:
-        from profusion_rt.benchmarks.measure import peak_matmul_flops
 
         if name == "peak":
             import torch
@@ -538,7 +541,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="answer commands on stdin (used by the suite)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from profusion_rt.core.errors import ProFusionError
 
     if args.serve:
         return serve(json.loads(args.job))

@@ -29,17 +29,47 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+from profusion_rt.export import tensorrt as trt_mod
+from profusion_rt.export.fp16 import to_mixed_fp16
+from profusion_rt.export.onnx_export import (
+    EXPORTERS,
+    check_opset,
+    export_onnx,
+    resolve_exporter,
+)
+from profusion_rt.export.optimize import optimize_onnx
+from profusion_rt.export.ort_fusion import PASS_VERSION, write_ort_model
+from profusion_rt.export.validate import ValidationError, validate_onnx_files
 from tqdm.auto import tqdm
 
-from profusion_rt.artifacts.specs import GRAPHS, GraphSpec, get_graph, model_dims, precision_dtype, torch_dtype
-from profusion_rt.artifacts.store import (FORMAT_VERSION, ONNX_FILE, OPT_ONNX_FILE, ORT_ONNX_FILE, RUNTIME_JSON,
-                                          ArtifactStore, file_record, model_hash, read_manifest, shape_key, stage_key,
-                                          tool_versions, verify_files, write_runtime_metadata)
+from profusion_rt.artifacts.specs import (
+    GRAPHS,
+    GraphSpec,
+    get_graph,
+    model_dims,
+    precision_dtype,
+    torch_dtype,
+)
+from profusion_rt.artifacts.store import (
+    FORMAT_VERSION,
+    ONNX_FILE,
+    OPT_ONNX_FILE,
+    ORT_ONNX_FILE,
+    RUNTIME_JSON,
+    ArtifactEntry,
+    ArtifactStore,
+    file_record,
+    model_hash,
+    plan_filename,
+    read_manifest,
+    shape_key,
+    stage_key,
+    tool_versions,
+    verify_files,
+    write_runtime_metadata,
+)
 from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.core.fsio import atomic_write_json
-
-from profusion_rt.export.onnx_export import EXPORTERS, check_opset, export_onnx, resolve_exporter
-from profusion_rt.export.validate import ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +178,6 @@ class ArtifactBuilder:
         names = list(graphs) if graphs else list(GRAPHS)
         specs = [get_graph(n) for n in names]
         if self.options.backend == "tensorrt":
-            from profusion_rt.export import tensorrt as trt_mod
 
             trt_mod.require_tensorrt()  # fail before any work
             self._trt = (trt_mod, trt_mod.current_gpu(), trt_mod.trt_version())
@@ -234,7 +263,6 @@ class ArtifactBuilder:
             report.stages["optimize"] = "cached"
         else:
             note("optimize")
-            from profusion_rt.export.optimize import optimize_onnx
 
             self._drop(manifest, folder, ("optimize", "ort_fusion", "validation", "plans"))
             info = optimize_onnx(folder / ONNX_FILE, folder / OPT_ONNX_FILE,
@@ -250,7 +278,6 @@ class ArtifactBuilder:
 
         # 3. onnxruntime-specific graph: attention -> com.microsoft.MultiHeadAttention (model.ort.onnx)
         if spec.name in ORT_FUSION_GRAPHS:
-            from profusion_rt.export.ort_fusion import PASS_VERSION
 
             ort_key = stage_key(inputs=opt_sha, onnx=self.versions["onnx"], onnxruntime=self.versions["onnxruntime"],
                                 ort_pass=PASS_VERSION)
@@ -258,7 +285,6 @@ class ArtifactBuilder:
                 report.stages["ort_fusion"] = "cached"
             else:
                 note("ort_fusion")
-                from profusion_rt.export.ort_fusion import write_ort_model
 
                 self._drop(manifest, folder, ("ort_fusion", "validation"))
                 info = write_ort_model(folder / OPT_ONNX_FILE, folder / ORT_ONNX_FILE)
@@ -301,7 +327,6 @@ class ArtifactBuilder:
         module = spec.build_module(self.pipe)
         io_dtype = torch_dtype(precision_dtype(o.precision))
         if o.precision == "fp16":
-            from profusion_rt.export.fp16 import to_mixed_fp16
 
             module = to_mixed_fp16(module)
         example = spec.sample_inputs(self.pipe, batch=export_batch(o), seed=0, dtype=io_dtype)
@@ -321,7 +346,6 @@ class ArtifactBuilder:
     def _validate_onnx(self, spec, folder, manifest, onnx_sha, files, report, note) -> None:
         """Validate every file of ``files`` (the optimized model, and ``model.ort.onnx`` when there is one:
         that is what onnxruntime runs) against torch on the same inputs; ``onnx_sha`` covers what they read."""
-        from profusion_rt.export.validate import validate_onnx_files
 
         o = self.options
         batches = self._validation_batches()
@@ -346,7 +370,6 @@ class ArtifactBuilder:
         report.checks += rows
 
     def _build_plan(self, spec, folder, manifest, status, report, note, opt_sha) -> None:
-        from profusion_rt.artifacts.store import ArtifactEntry, plan_filename
 
         trt_mod, gpu, version = self._trt
         o = self.options

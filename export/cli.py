@@ -8,6 +8,15 @@ import logging
 import time
 from pathlib import Path
 
+from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
+from profusion_rt.export.tensorrt import require_tensorrt
+from profusion_rt.export.validate import ValidationError, format_table
+
+from profusion_rt.artifacts.specs import GRAPHS, get_graph
+from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
+from profusion_rt.core.presets import announce_random_weights, preset_names
+from profusion_rt.pipeline import ProFusionPipeline
+
 logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
@@ -47,7 +56,6 @@ def register(subparsers) -> None:
 
 
 def _graph_list(text: str) -> list[str]:
-    from profusion_rt.artifacts.specs import GRAPHS, get_graph
 
     if text.strip() == "all":
         return list(GRAPHS)
@@ -55,16 +63,12 @@ def _graph_list(text: str) -> list[str]:
     for n in names:
         get_graph(n)  # typed error for an unknown name
     if not names:
-        from profusion_rt.core.errors import InvalidParameterError
 
         raise InvalidParameterError("--graphs is empty; give 'all' or graph names")
     return names
 
 
 def _load(args):
-    from profusion_rt.core.errors import ModelLoadError
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.core.presets import preset_names
 
     if Path(args.model).is_dir():
         return ProFusionPipeline.from_pretrained(args.model, promptnet_path=args.promptnet)
@@ -76,7 +80,6 @@ def _load(args):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from profusion_rt.core.errors import InvalidParameterError
 
     graphs = _graph_list(args.graphs)
     dynamic = None
@@ -88,8 +91,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
-    from profusion_rt.export.validate import ValidationError, format_table
 
     options = ExportOptions(precision=args.precision, backend=args.backend, batch=args.batch,
                             dynamic_batch=dynamic, opset=args.opset, exporter=args.exporter,
@@ -97,13 +98,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                             optimization_level=args.builder_optimization_level)
     options.check()  # before loading weights
     if args.backend == "tensorrt":
-        from profusion_rt.export.tensorrt import require_tensorrt
 
         require_tensorrt()
 
     start = time.perf_counter()
     pipe = _load(args)
-    from profusion_rt.core.presets import announce_random_weights
 
     announce_random_weights(pipe)
     builder = ArtifactBuilder(pipe, args.out, options)

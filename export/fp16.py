@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from profusion_rt.artifacts.graphs import VaeDecoderGraph
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["to_mixed_fp16", "Float32Graph", "Fp32GroupNorm", "Fp32LayerNorm", "UpcastAttnProcessor"]
@@ -76,7 +78,6 @@ class Float32Graph(nn.Module):
 
 def _float32_graph_types() -> tuple[type, ...]:
     """Graph modules exported in float32 inside a float16 graph (see the module docstring)."""
-    from profusion_rt.artifacts.graphs import VaeDecoderGraph
 
     return (VaeDecoderGraph,)
 

@@ -18,6 +18,11 @@ import threading
 import time
 from pathlib import Path
 
+from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
+
+from profusion_rt.artifacts.store import model_hash
+from profusion_rt.pipeline import ProFusionPipeline
+
 USES = {
     "text_encoder": {"text_encoder"},
     "text_encoder_placeholder": {"text_encoder"},
@@ -52,10 +57,7 @@ def _watchdog(min_free_gb: float) -> None:
 def measure_one(args) -> dict:
     import torch
 
-    from profusion_rt.artifacts.store import model_hash
-    from profusion_rt.pipeline import ProFusionPipeline
 
-    from profusion_rt.export.cache import ArtifactBuilder, ExportOptions
 
     _watchdog(args.min_free_gb)
     t0 = time.perf_counter()

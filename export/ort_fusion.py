@@ -80,6 +80,8 @@ from typing import Any
 
 from profusion_rt.export.optimize import external_locations
 
+from profusion_rt.core.fsio import file_mode, move_into_place, staging_dir
+
 logger = logging.getLogger(__name__)
 
 #: bump when the rewrite changes: part of the export stage's cache key
@@ -656,7 +658,6 @@ def write_ort_model(src: str | os.PathLike, dst: str | os.PathLike) -> OrtModelI
     are written inline (the model is then under 2 GB, since ``src`` was)."""
     import onnx
 
-    from profusion_rt.core.fsio import file_mode, move_into_place, staging_dir
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)

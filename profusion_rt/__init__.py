@@ -10,6 +10,7 @@ from profusion_rt.core.errors import (
     PromptError,
     UnknownPresetError,
 )
+from profusion_rt.pipeline import ProFusionPipeline
 
 __version__ = "0.1.0"
 
@@ -26,11 +27,3 @@ __all__ = [
     "__version__",
 ]
 
-
-def __getattr__(name: str):
-    # Importing the pipeline pulls in torch and diffusers: do it lazily.
-    if name == "ProFusionPipeline":
-        from profusion_rt.pipeline import ProFusionPipeline
-
-        return ProFusionPipeline
-    raise AttributeError(name)

@@ -13,8 +13,31 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from profusion_rt.core.errors import ProFusionError
+from profusion_rt.core.cliargs import (
+    ARTIFACT_BACKENDS,
+    DefaultsHelpFormatter,
+    add_model_args,
+    package_version,
+    settle_precision,
+)
+from profusion_rt.core.errors import InvalidParameterError, ProFusionError
+from profusion_rt.core.hardware import (
+    bf16_support,
+    resolve_precision,
+)
+from profusion_rt.core.image_io import load_image, save_image
+from profusion_rt.core.presets import (
+    announce_random_weights,
+    get_preset,
+    preset_names,
+    weights_label,
+)
+from profusion_rt.demo import run_demo
+from profusion_rt.models.factory import build_components
+from profusion_rt.models.flops import count_network_costs, sample_flops
+from profusion_rt.models.loading import convert_model
 from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import Runtime, create_runtime
 
 logger = logging.getLogger("profusion_rt")
 
@@ -24,52 +47,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
     return fn
-
-
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # = profusion_rt.core.hardware.PRECISION_CHOICES
-
-
-class DeprecatedAlias(argparse.Action):
-    """``--dtype X``: stores X as ``--precision`` and logs one deprecation line."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        logger.warning("%s is deprecated: use --precision (one flag for the torch dtype and the artifacts' precision)",
-                       option_string)
-        setattr(namespace, self.dest, values)
-
-
-def settle_precision(args: argparse.Namespace) -> argparse.Namespace:
-    """Turn ``--precision`` (or its alias ``--dtype``) into ``args.dtype``, the weights' dtype of the loaded
-    model, and ``args.precision``, the engines' precision (None: the backend's default). ``auto`` is resolved
-    for the device and backend; bf16 on a CPU without native bf16 logs one warning line. Idempotent."""
-    from profusion_rt.core.hardware import resolve_precision, warn_if_emulated_bf16
-
-    if getattr(args, "_precision_settled", False) or not hasattr(args, "precision"):
-        return args
-    device, backend = getattr(args, "device", "cpu"), getattr(args, "backend", None)
-    precision = resolve_precision(args.precision, device, backend)
-    warn_if_emulated_bf16(precision, device)
-    args.precision = precision
-    args.dtype = "fp32" if precision is None or backend in ARTIFACT_BACKENDS else precision
-    args._precision_settled = True
-    return args
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="preset name (tiny, sd2-base, sd2-768), model folder or Hugging Face hub id (org/name)")
-    p.add_argument("--promptnet", default=None,
-                   help="separate PromptNet folder or hub id (with a plain SD2 --model)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--precision", default=None, choices=list(PRECISION_CHOICES),
-                   help="compute precision: the torch backends (eager, torch, torch-compile) hold the weights in it; "
-                        "onnxruntime/tensorrt load artifacts of it (the model stays fp32, as the artifacts are "
-                        "matched by the fp32 hash). auto: bf16 on a CPU with native bf16 (AMX / avx512_bf16), "
-                        "else fp32; fp16 on a GPU (default fp32; tensorrt: fp16)")
-    p.add_argument("--dtype", dest="precision", action=DeprecatedAlias, choices=["fp32", "fp16", "bf16"],
-                   help="deprecated alias of --precision (default: not set)")
-    p.set_defaults(dtype="fp32")  # the weights' dtype, set from --precision by settle_precision
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights of a preset")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -118,14 +95,12 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 
 #: backends that can run from exported artifacts alone (``generate --artifacts DIR`` without ``--model``)
-ARTIFACT_BACKENDS = ("onnxruntime", "tensorrt")
+
 
 
 def artifact_runtime(args: argparse.Namespace):
     """The runtime of ``generate --artifacts DIR --backend onnxruntime|tensorrt`` without ``--model``: every
     network from the exported graphs, no model weights."""
-    from profusion_rt.core.errors import InvalidParameterError
-    from profusion_rt.runtime import Runtime
 
     if args.promptnet is not None:
         raise InvalidParameterError("--promptnet needs --model (a runtime from artifacts alone loads no model)")
@@ -140,7 +115,6 @@ def artifact_runtime(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate images with the eager reference pipeline, a runtime backend over a model, or a runtime from
     exported artifacts alone (``--artifacts`` with onnxruntime or tensorrt and no ``--model``)."""
-    from profusion_rt.core.image_io import load_image
 
     settle_precision(args)
     if args.image is not None:
@@ -153,7 +127,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model_hash is not None:
         raise ProFusionError("--model-hash picks an exported model for a run without --model")
     pipe = ProFusionPipeline.load(args.model or "tiny", args.promptnet, args.device, args.dtype, args.weights_seed)
-    from profusion_rt.core.presets import announce_random_weights
 
     announce_random_weights(pipe)
     if args.backend == "eager":
@@ -161,7 +134,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ProFusionError("--artifacts is used by the runtime backends; pick one with --backend")
         generate = pipe
     else:
-        from profusion_rt.runtime import create_runtime
 
         options = {"precision": args.precision} if args.precision else {}
         if args.threads is not None:
@@ -174,8 +146,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_and_save(generate, args: argparse.Namespace) -> int:
-    from profusion_rt.core.image_io import save_image
-    from profusion_rt.core.presets import weights_label
 
     start = time.perf_counter()
     result = generate(output_type="pil", **sampling_kwargs(args))
@@ -193,11 +163,8 @@ def _generate_and_save(generate, args: argparse.Namespace) -> int:
 @command
 def cmd_info(args: argparse.Namespace) -> int:
     """Components, parameter counts and FLOPs per network (meta-device counting)."""
-    from profusion_rt.models.flops import count_network_costs, sample_flops
-    from profusion_rt.core.presets import get_preset, preset_names
 
     if not Path(args.model).is_dir() and args.model in preset_names():
-        from profusion_rt.models.factory import build_components
 
         preset = get_preset(args.model)
         components, resolution, name = build_components(preset, device="meta"), preset.resolution, args.model
@@ -207,7 +174,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     costs = count_network_costs(components, resolution)
     print(f"model: {name}   resolution: {resolution}px   text layers skipped: {components.text_skip_layers}")
     print(f"scheduler: {type(components.scheduler).__name__}   tokenizer: {type(components.tokenizer).__name__}")
-    from profusion_rt.core.hardware import bf16_support, resolve_precision
 
     support = bf16_support()
     print(f"cpu: {support.cpu}   {support.describe()}   --precision auto on cpu: {resolve_precision('auto', 'cpu')}")
@@ -226,7 +192,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Rewrite a model (the released ProFusion layout, SD2 + PromptNet, a hub id) in our safetensors layout,
     atomically, verified by reloading it and comparing every tensor."""
-    from profusion_rt.models.loading import convert_model
 
     report = convert_model(args.model, args.out, promptnet_path=args.promptnet, overwrite=args.overwrite)
     for line in report["dropped"]:
@@ -239,31 +204,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 @command
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job on the embedded tiny preset."""
-    from profusion_rt.demo import run_demo
 
     return run_demo(args)
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, unless the help text already states it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings or action.required:
-            return text
-        if action.default is None:
-            return f"{text} (default: not set)".strip()
-        return super()._get_help_string(action) if action.help else "(default: %(default)s)"
-
-
-def package_version() -> str:
-    """The installed distribution's version (``importlib.metadata``); "unknown" when not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("profusion-rt")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,9 @@ import statistics
 import tempfile
 import time
 
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.training import TrainConfig, customize
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,8 +34,6 @@ def main() -> int:
     import torch
     from skimage import data as skdata
 
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.training import TrainConfig, customize
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,6 +21,15 @@ import argparse
 import sys
 import time
 
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.training import (
+    SubjectImageDataset,
+    TrainConfig,
+    Trainer,
+    customization_images,
+)
+from profusion_rt.training.data import derive_seed
+
 
 def synthetic_photo(size: int = 512):
     """A deterministic RGB test image with smooth gradients and a few shapes (no data files needed)."""
@@ -54,8 +63,6 @@ def main() -> int:
         print("skipped: no CUDA GPU available (this script times customization on a GPU)")
         return 0
 
-    from profusion_rt.training import SubjectImageDataset, TrainConfig, Trainer, customization_images
-    from profusion_rt.training.data import derive_seed
 
     cuda = device.type == "cuda"
 
@@ -70,7 +77,6 @@ def main() -> int:
     print(f"device: {name}; torch {torch.__version__}")
 
     start = time.perf_counter()
-    from profusion_rt.pipeline import ProFusionPipeline
 
     pipe = ProFusionPipeline.from_preset(args.preset, seed=0, device=device)  # initialised on the GPU
     sync()

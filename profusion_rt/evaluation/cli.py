@@ -18,6 +18,17 @@ import argparse
 import logging
 from pathlib import Path
 
+from profusion_rt.core.cliargs import DefaultsHelpFormatter, add_model_args, package_version
+from profusion_rt.core.errors import InvalidParameterError, OutputPathError
+from profusion_rt.core.image_io import load_image
+from profusion_rt.core.presets import (
+    announce_random_weights,
+    has_random_weights,
+    weights_label,
+)
+from profusion_rt.evaluation import fidelity, metrics, report
+from profusion_rt.pipeline import ProFusionPipeline
+
 logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
@@ -31,7 +42,6 @@ DEFAULT_PROMPT = "a photo of a {S*}"
 
 
 def register(subparsers) -> None:
-    from profusion_rt.cli import DefaultsHelpFormatter, add_model_args
 
     class Formatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
@@ -70,7 +80,6 @@ def register(subparsers) -> None:
 
 
 def _prompts(args) -> list[str]:
-    from profusion_rt.core.errors import InvalidParameterError
 
     prompts = list(args.prompt or [])
     if args.prompts is not None:
@@ -86,7 +95,6 @@ def _prompts(args) -> list[str]:
 
 
 def _folders(specs: list[str]) -> dict[str, Path]:
-    from profusion_rt.core.errors import InvalidParameterError
 
     folders: dict[str, Path] = {}
     for spec in specs:
@@ -102,7 +110,6 @@ def _folders(specs: list[str]) -> dict[str, Path]:
 
 
 def _seeds(text: str) -> list[int]:
-    from profusion_rt.core.errors import InvalidParameterError
 
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -114,9 +121,6 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from profusion_rt.core.errors import InvalidParameterError, OutputPathError
-    from profusion_rt.core.image_io import load_image
-    from profusion_rt.evaluation import fidelity, metrics, report
 
     # -- every input is checked before any model is loaded or image generated ------------------------------
     if args.reference is None:
@@ -148,9 +152,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from profusion_rt.cli import package_version
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.core.presets import announce_random_weights, has_random_weights, weights_label
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

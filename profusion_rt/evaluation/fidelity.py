@@ -29,8 +29,16 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from profusion_rt.core.errors import BackendUnavailableError, ImageError, InvalidParameterError
+from profusion_rt.core.errors import (
+    BackendUnavailableError,
+    ImageError,
+    InvalidParameterError,
+)
+from profusion_rt.core.image_io import load_image
 from profusion_rt.evaluation import metrics
+from profusion_rt.export.cache import export_artifacts
+from profusion_rt.models.tokenizer import PLACEHOLDER
+from profusion_rt.runtime import create_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +112,6 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def folder_set(name: str, folder: str | Path) -> ImageSet:
     """Every image of ``folder`` (decoded now: a file that is not a readable image is an :class:`ImageError`)."""
-    from profusion_rt.core.image_io import load_image
 
     files = list_images(folder)
     return ImageSet(name, [load_image(p) for p in files], [None] * len(files))
@@ -134,7 +141,6 @@ def stage_artifacts(pipe, artifacts: str | Path | None, needed: bool) -> Iterato
     if artifacts is not None or not needed:
         yield None if artifacts is None else Path(artifacts)
         return
-    from profusion_rt.export.cache import export_artifacts
 
     with tempfile.TemporaryDirectory(prefix="profusion-eval-artifacts-") as tmp:
         logger.warning("no --artifacts: exporting the two stage graphs to a temporary folder for onnxruntime")
@@ -145,7 +151,6 @@ def stage_artifacts(pipe, artifacts: str | Path | None, needed: bool) -> Iterato
 def _runner(pipe, backend: str, artifacts: Path | None, threads: int | None):
     if backend == "eager":
         return pipe
-    from profusion_rt.runtime import create_runtime
 
     options: dict[str, Any] = {}
     if threads is not None and backend == "onnxruntime":
@@ -192,7 +197,6 @@ def quality_rows(sets: dict[str, ImageSet], items: Sequence[Item], reference_ima
     (image vs the reference image), DINO and face similarity (when their models are given)."""
     from tqdm.auto import tqdm
 
-    from profusion_rt.models.tokenizer import PLACEHOLDER
 
     ref_clip = clip.image_embeddings([reference_image])[0]
     ref_dino = dino.image_embeddings([reference_image])[0] if dino is not None else None

@@ -30,6 +30,10 @@ import torch
 from PIL import Image
 
 from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
+from profusion_rt.core.image_io import center_crop_resize, pil_to_tensor
+from profusion_rt.models.text import run_text_layers, token_embeddings
+from profusion_rt.models.tokenizer import load_default_tokenizer
+from profusion_rt.models.vision import clip_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _square_pixels(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    from profusion_rt.core.image_io import center_crop_resize, pil_to_tensor
 
     x = pil_to_tensor(center_crop_resize(image.convert("RGB"), size))
     m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
@@ -150,7 +153,6 @@ class ClipEmbedder:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load a CLIPModel from {folder}: {first}") from exc
         if tokenizer is None:
-            from profusion_rt.models.tokenizer import load_default_tokenizer
 
             tokenizer = load_default_tokenizer()
         return cls(tokenizer, model.text_model, model.vision_model, model.text_projection, model.visual_projection,
@@ -159,8 +161,6 @@ class ClipEmbedder:
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) embeddings of ``images`` (centre square, bicubic resize to the tower's size, CLIP norm)."""
-        from profusion_rt.core.image_io import center_crop_resize, pil_to_tensor
-        from profusion_rt.models.vision import clip_preprocess
 
         tower = self.vision_tower
         size = int(tower.config.image_size)
@@ -181,7 +181,6 @@ class ClipEmbedder:
         ``None`` without projection layers."""
         if not self.projected:
             return None
-        from profusion_rt.models.text import run_text_layers, token_embeddings
 
         tower = self.text_tower
         param = next(tower.parameters())
@@ -290,7 +289,6 @@ class FaceEmbedder:
     def embed(self, image: Image.Image) -> FaceEmbedding:
         if self.problem is not None:
             return FaceEmbedding(None, self.problem)
-        from profusion_rt.core.image_io import center_crop_resize
 
         side = min(self.height, self.width)
         crop = center_crop_resize(image.convert("RGB"), side).resize((self.width, self.height))

@@ -16,6 +16,10 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
+from profusion_rt.core.fsio import atomic_write_bytes
+from profusion_rt.core.errors import OutputPathError
+from profusion_rt.core.image_io import png_info
+
 INF_NOTE = "psnr_db null = identical images (infinite PSNR); JSON has no infinity"
 
 
@@ -106,7 +110,6 @@ def grid(reference: Image.Image, sets: Sequence[Any], items: Sequence[Any], cell
 
 
 def png_bytes(image: Image.Image, metadata: dict[str, str] | None = None) -> bytes:
-    from profusion_rt.core.image_io import png_info
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(metadata))
@@ -119,8 +122,6 @@ def write_outputs(out: str | Path, report: dict[str, Any], grid_image: Image.Ima
     first, then ``grid.png``, ``eval.md`` and last ``eval.json``."""
     import json
 
-    from profusion_rt.core.fsio import atomic_write_bytes
-    from profusion_rt.core.errors import OutputPathError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from profusion_rt.models import text as textenc
+from profusion_rt.models.promptnet import PromptNet
+
 
 @dataclass
 class NetworkCost:
@@ -23,7 +26,6 @@ class NetworkCost:
 
 def _meta_twin(net: nn.Module) -> nn.Module:
     """An uninitialised copy of ``net`` on the meta device, built from its config."""
-    from profusion_rt.models.promptnet import PromptNet
 
     with torch.device("meta"):
         if isinstance(net, PromptNet):
@@ -48,7 +50,6 @@ def count_network_costs(components, resolution: int, batch: int = 1, meta: bool 
     UNet: ``batch`` latents with a 77-token context (a guided call on k conditionings costs k times this).
     Text encoder: the layers actually used. VAE: encoder at ``resolution``, decoder from the latent.
     """
-    from profusion_rt.models import text as textenc
 
     nets = components.networks()
     twins = {k: (_meta_twin(v) if meta else v) for k, v in nets.items()}

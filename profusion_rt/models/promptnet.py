@@ -34,10 +34,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import (
+    UNetMidBlock2DCrossAttn,
+    get_down_block,
+)
 from torch import nn
 
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
+from profusion_rt.core.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +96,6 @@ class PromptNetConfig:
 
         Options the official class supports but ProFusion never uses (other mid blocks, class embeddings,
         Fourier time embedding, ...) raise :class:`~profusion_rt.core.errors.ModelLoadError` naming the key."""
-        from profusion_rt.core.errors import ModelLoadError
 
         c = {**OFFICIAL_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
         problems = [f"{key}={c[key]!r}" for key, ok in _OFFICIAL_FIXED.items() if c[key] != ok]

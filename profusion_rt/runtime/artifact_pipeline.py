@@ -28,11 +28,23 @@ from typing import Mapping
 import torch
 
 from profusion_rt.artifacts.specs import get_graph, precision_dtype, torch_dtype
-from profusion_rt.artifacts.store import RUNTIME_JSON, ArtifactStore, RuntimeMetadata, load_runtime_metadata, verify_files
+from profusion_rt.artifacts.store import (
+    RUNTIME_JSON,
+    ArtifactStore,
+    RuntimeMetadata,
+    load_runtime_metadata,
+    verify_files,
+)
 from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
 from profusion_rt.models.vision import posterior_latents
 from profusion_rt.pipeline import RequestPreparation
-from profusion_rt.runtime.backends import STAGE_GRAPHS, onnxruntime_engine, pick_artifact, tensorrt_engine
+from profusion_rt.runtime.backends import (
+    STAGE_GRAPHS,
+    check_onnxruntime_precision,
+    onnxruntime_engine,
+    pick_artifact,
+    tensorrt_engine,
+)
 from profusion_rt.runtime.engine import Engine
 from profusion_rt.runtime.runtime import Runtime
 
@@ -251,7 +263,6 @@ def create_runtime_from_artifacts(root: str | Path, backend: str = "onnxruntime"
             f"a runtime from artifacts alone runs its stages on {' or '.join(STAGE_ENGINES)}, got {backend!r}; "
             "the torch backends need the model weights (create_runtime(pipe, backend))")
     if backend == "onnxruntime":
-        from profusion_rt.runtime.backends import check_onnxruntime_precision
 
         check_onnxruntime_precision(precision)  # bf16: a refusal naming what runs it
     dtype = torch_dtype(precision_dtype(precision))

@@ -8,13 +8,24 @@ from typing import Callable
 
 import torch
 
-from profusion_rt.artifacts.store import model_hash
-from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
-from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, FusionStage, RefinementStage
+from profusion_rt.artifacts.store import ArtifactStore, model_hash
+from profusion_rt.core.errors import (
+    BackendUnavailableError,
+    InvalidParameterError,
+    ModelLoadError,
+)
+from profusion_rt.models.stages import (
+    FUSION_INPUTS,
+    REFINEMENT_INPUTS,
+    FusionStage,
+    RefinementStage,
+)
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.runtime.engine import Engine
+from profusion_rt.runtime.ort_engine import OrtEngine
 from profusion_rt.runtime.runtime import Runtime
 from profusion_rt.runtime.torch_engine import TorchEngine
+from profusion_rt.runtime.trt_engine import TrtEngine, TrtResources, require_tensorrt
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +57,6 @@ STAGE_GRAPHS = ("fusion_stage", "refinement_stage")
 def onnxruntime_engine(entry, device: torch.device | str, threads: int | None = None) -> Engine:
     """An :class:`~.ort_engine.OrtEngine` over one artifact: the onnxruntime-specific graph (fused
     attention) when the export wrote one, else the optimized, else the exported one."""
-    from profusion_rt.runtime.ort_engine import OrtEngine
 
     path = entry.ort_onnx_path or entry.opt_onnx_path or entry.onnx_path
     return OrtEngine(path, device=device, threads=threads,
@@ -57,7 +67,6 @@ def tensorrt_engine(entry, device: torch.device | str, resources=None, **_) -> E
     """A :class:`~.trt_engine.TrtEngine` over the plan of one artifact built for this GPU and TensorRT.
     ``resources``: the :class:`~.trt_engine.TrtResources` (stream, activation memory) of the runtime the
     engine belongs to; by default the engine gets its own."""
-    from profusion_rt.runtime.trt_engine import TrtEngine, TrtResources, require_tensorrt
 
     trt = require_tensorrt()
     resources = resources or TrtResources(device)
@@ -99,7 +108,6 @@ def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precisi
 
 def _tensorrt(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp16",
               **_) -> tuple[Engine, Engine]:
-    from profusion_rt.runtime.trt_engine import TrtResources, require_tensorrt
 
     require_tensorrt()
     if artifacts is None:
@@ -138,8 +146,6 @@ def select_artifact(root: Path, digest: str, graph: str, precision: str):
     dynamic batch axis; :class:`ModelLoadError` naming what is missing otherwise. The hash covers the
     weights in the dtype they are held in, and export reads a float32 pipeline: load the pipeline in
     float32 for the onnxruntime and tensorrt backends (the engines carry their own precision)."""
-    from profusion_rt.artifacts.store import ArtifactStore
-    from profusion_rt.core.errors import ModelLoadError
 
     root = Path(root)
     if not root.is_dir():

@@ -37,8 +37,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from profusion_rt.core.errors import InvalidParameterError
-from profusion_rt.core.image_io import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
+from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
+from profusion_rt.core.image_io import (
+    center_crop_resize,
+    load_image,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +270,6 @@ def load_inpainter(model_dir: str, device: str = "cpu", prompt: str = INPAINT_PR
                    num_inference_steps: int = INPAINT_STEPS, guidance_scale: float = INPAINT_GUIDANCE) -> Inpainter:
     """An SD2-inpainting diffusers folder as an :data:`Inpainter` (no download: the folder must exist). On
     CUDA the model runs in fp16, as the notebook."""
-    from profusion_rt.core.errors import ModelLoadError
 
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise InvalidParameterError(f"inpainting steps must be an integer >= 1, got {num_inference_steps!r}")

@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
+from profusion_rt.models.factory import Components, build_scheduler
 from profusion_rt.models.promptnet import PromptNet, PromptNetConfig
+from profusion_rt.models.tokenizer import load_tokenizer
+from profusion_rt.pipeline import ProFusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -238,9 +241,6 @@ def pipeline_from_sd2(model: str | Path, image_encoder: str | Path | None = None
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from profusion_rt.models.factory import Components, build_scheduler
-    from profusion_rt.models.tokenizer import load_tokenizer
-    from profusion_rt.pipeline import ProFusionPipeline
 
     root = resolve_model_source(str(model), "model", ["model_index.json", "unet/*", "vae/*", "text_encoder/*",
                                                       "tokenizer/*", "scheduler/*"])

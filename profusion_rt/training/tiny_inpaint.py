@@ -16,14 +16,19 @@ from pathlib import Path
 import torch
 
 from profusion_rt.core.presets import SD2_SCHEDULER
+from profusion_rt.models.tokenizer import load_default_tokenizer
 
 
 def build_tiny_inpainting_pipeline(seed: int = 0):
     """The pipeline object (CPU, float32, no safety checker)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from profusion_rt.models.tokenizer import load_default_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
