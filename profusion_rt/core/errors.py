@@ -41,6 +41,14 @@ class OutputPathError(ProFusionError, OSError):
     """An output location cannot be written."""
 
 
+class DeltaError(ModelLoadError):
+    """A subject delta file is missing, unreadable or not a profusion-rt delta."""
+
+
+class DeltaMismatchError(DeltaError):
+    """A subject delta was made for another base model (fingerprint, tensor names or shapes differ)."""
+
+
 class BackendUnavailableError(ProFusionError, RuntimeError):
     """A requested backend (TensorRT, a CUDA provider, a GPU) is not available on this machine."""
 

@@ -1,4 +1,4 @@
-"""safetensors files written atomically, read with typed errors.
+"""safetensors files written atomically, read with typed errors (training checkpoints, subject deltas).
 
 Files are written with :func:`profusion_rt.core.fsio.atomic_write`: a reader (or a crash, or Ctrl-C) never
 sees a half-written file, and an existing file of the same name stays intact until the new one is complete.

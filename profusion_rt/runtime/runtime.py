@@ -32,6 +32,7 @@ import torch
 from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.core.finite import check_finite
 from profusion_rt.core.samples import synthetic_reference_image
+from profusion_rt.models.delta import apply_delta, delta_parameters, load_delta
 from profusion_rt.models.stages import STAGE_OUTPUT
 from profusion_rt.pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
 from profusion_rt.runtime.engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
@@ -159,8 +160,6 @@ class Runtime:
         captured CUDA graphs stay valid); every other engine gets the new values through
         ``update_weights`` (TensorRT refit, onnxruntime session re-creation with overridden initializers).
         Returns the seconds the swap took."""
-        from profusion_rt.training.delta import apply_delta, delta_parameters, load_delta
-
         with self._lock:
             start = time.perf_counter()
             if not hasattr(delta, "tensors"):

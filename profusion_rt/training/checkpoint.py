@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from profusion_rt.core.safeio import json_field, read, read_metadata, save_atomic
 from profusion_rt.training.errors import CheckpointError
-from profusion_rt.training.safeio import json_field, read, read_metadata, save_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -251,7 +251,7 @@ def cmd_customize(args: argparse.Namespace) -> int:
 
 def cmd_apply_delta(args: argparse.Namespace) -> int:
     from profusion_rt.core.errors import OutputPathError
-    from profusion_rt.training.delta import apply_delta, load_delta
+    from profusion_rt.models.delta import apply_delta, load_delta
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):

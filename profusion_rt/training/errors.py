@@ -1,9 +1,12 @@
 """Typed errors of the training layer (subclasses of :mod:`profusion_rt.core.errors`; the CLI prints them on one
-line and exits 2)."""
+line and exits 2). The delta errors are defined in :mod:`profusion_rt.core.errors` (the runtime and the server
+read deltas too) and named here as well."""
 
 from __future__ import annotations
 
-from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
+from profusion_rt.core.errors import DeltaError, DeltaMismatchError, InvalidParameterError, ModelLoadError
+
+__all__ = ["CheckpointError", "DatasetError", "DeltaError", "DeltaMismatchError"]
 
 
 class DatasetError(InvalidParameterError):
@@ -12,11 +15,3 @@ class DatasetError(InvalidParameterError):
 
 class CheckpointError(ModelLoadError):
     """A training checkpoint is missing, unreadable, of another format, or made for another run."""
-
-
-class DeltaError(ModelLoadError):
-    """A delta file is missing, unreadable or not a profusion-rt delta."""
-
-
-class DeltaMismatchError(DeltaError):
-    """A delta was made for another base model (fingerprint, tensor names or shapes differ)."""

@@ -51,7 +51,7 @@ from profusion_rt.models.tokenizer import tokenize_prompt
 from profusion_rt.models.vision import image_tokens
 from profusion_rt.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from profusion_rt.training.data import PairSampler, SubjectImageDataset, derive_seed
-from profusion_rt.training.delta import delta_parameters, fingerprint_tensors
+from profusion_rt.models.delta import delta_parameters, fingerprint_tensors
 from profusion_rt.training.errors import CheckpointError
 
 logger = logging.getLogger(__name__)

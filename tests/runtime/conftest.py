@@ -9,7 +9,8 @@ import torch
 def _perturbed_delta(seed: int):
     """(base pipe, customized pipe, delta) with every delta tensor perturbed."""
     from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.training.delta import base_fingerprint, delta_parameters, extract_delta
+    from profusion_rt.models.delta import base_fingerprint, delta_parameters
+    from profusion_rt.training.delta import extract_delta
 
     base = ProFusionPipeline.from_preset("tiny", seed=0)
     custom = ProFusionPipeline.from_preset("tiny", seed=0)

@@ -146,7 +146,7 @@ def test_fp16_weight_map_finds_every_delta_weight(tiny_pipe, fp16_fusion_graph):
     """Finding 7: float32 base values are rounded to the initializer's dtype before the content match, so q,
     k and v of every attention layer (and all of PromptNet) are located in the float16 graph."""
     from profusion_rt.runtime.ort_engine import weight_map
-    from profusion_rt.training.delta import delta_parameters
+    from profusion_rt.models.delta import delta_parameters
 
     base = {k: p.detach() for k, p in delta_parameters(tiny_pipe).items()}
     for path in {fp16_fusion_graph.opt_onnx_path, fp16_fusion_graph.onnx_path}:
@@ -162,7 +162,7 @@ def test_fp16_weight_map_finds_every_delta_weight(tiny_pipe, fp16_fusion_graph):
 
 def test_a_delta_weight_not_in_the_graph_is_a_typed_error(tiny_pipe, fp16_fusion_graph):
     from profusion_rt.runtime.ort_engine import weight_map
-    from profusion_rt.training.delta import delta_parameters
+    from profusion_rt.models.delta import delta_parameters
 
     base = {k: p.detach() for k, p in delta_parameters(tiny_pipe).items()}
     key = next(k for k in base if k.endswith("to_k.weight"))

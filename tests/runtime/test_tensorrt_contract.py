@@ -289,7 +289,7 @@ def test_refit_refusal_is_a_typed_error(stage_artifacts, perturbed_delta, fake_t
     from profusion_rt.artifacts.store import model_hash
     from profusion_rt.runtime.backends import select_artifact
     from profusion_rt.runtime.ort_engine import weight_map
-    from profusion_rt.training.delta import delta_parameters
+    from profusion_rt.models.delta import delta_parameters
 
     base, _, delta = perturbed_delta(4)
     onnx_path = select_artifact(stage_artifacts, model_hash(base), "fusion_stage", "fp32").opt_onnx_path

@@ -17,8 +17,8 @@ from profusion_rt.training import (
     extract_delta,
     load_delta,
 )
-from profusion_rt.training.delta import Delta, delta_parameters, is_attention_qkv
-from profusion_rt.training.errors import DeltaError, DeltaMismatchError
+from profusion_rt.core.errors import DeltaError, DeltaMismatchError
+from profusion_rt.models.delta import Delta, delta_parameters, is_attention_qkv
 
 
 def _state(pipe) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from skimage import data as skdata
 from profusion_rt.core.errors import OutputPathError
 from profusion_rt.training import SubjectImageDataset, TrainConfig, Trainer
 from profusion_rt.training.errors import CheckpointError
-from profusion_rt.training.safeio import read, save_atomic
+from profusion_rt.core.safeio import read, save_atomic
 
 CONFIG = TrainConfig.customization(batch_size=2, learning_rate=1e-3, ema_decay=0.99)
 
