@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from profusion_rt.benchmarks.doctor import register as register_doctor
+from profusion_rt.benchmarks.doctor_cli import register as register_doctor
 from profusion_rt.benchmarks.suite import SuiteConfig, run_suite
 
 from profusion_rt.core.errors import InvalidParameterError

@@ -30,10 +30,8 @@ measures each backend in its own process).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -45,19 +43,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from profusion_rt.benchmarks.measure import machine_info, make_sync, summarize, versions
+from profusion_rt.benchmarks.doctor_report import (
+    INSTALL_LINES,
+    environment,
+    environment_lines,
+    summary,
+)
+from profusion_rt.benchmarks.measure import make_sync, summarize
 from profusion_rt.benchmarks.models import build_pipeline
 from profusion_rt.benchmarks.worker import _runtime_generate, make_generate
 from profusion_rt.export.cache import export_artifacts
 
-from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json
-from profusion_rt.core.errors import (
-    BackendUnavailableError,
-    InvalidParameterError,
-    OutputPathError,
-)
 from profusion_rt.core.finite import check_finite
-from profusion_rt.core.hardware import bf16_support
 from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.runtime import create_runtime
@@ -88,14 +85,6 @@ ESTIMATES = {
 DEFAULT_BUDGET_S = {"cpu": 240.0, "cuda": 540.0}
 #: seconds of the budget kept for writing the reports
 REPORT_RESERVE_S = 2.0
-#: lines printed for a machine that lacks the project's dependencies (also in docs/doctor.md)
-INSTALL_LINES = {
-    "cuda": ["GPU with a CUDA torch already installed (keeps that torch): pip install -e '.[onnx,serve]'",
-             "onnxruntime's CUDA provider: pip uninstall -y onnxruntime && pip install -e '.[gpu]'; "
-             "TensorRT: pip install -e '.[tensorrt]'"],
-    "cpu": ["CPU machine (CPU build of torch, one command so pip never pulls a CUDA torch): "
-            "pip install torch==2.13.0 -e '.[dev]'"],
-}
 
 
 class CheckFailed(Exception):
@@ -168,66 +157,6 @@ def busy_cpu() -> tuple[float, int] | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
-
-
-# -- environment ---------------------------------------------------------------------------------------------
-def environment(device) -> dict[str, Any]:
-    """Versions and hardware: torch, CUDA, cuDNN, onnxruntime (+ providers), TensorRT, polygraphy, CPU, bf16."""
-    import torch
-
-
-
-    env: dict[str, Any] = {"versions": versions(), "machine": machine_info(device)}
-    env["torch"] = torch.__version__
-    env["cuda"] = torch.version.cuda
-    env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    env["cuda_available"] = torch.cuda.is_available()
-    try:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-        env["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
-    except ImportError:
-        env["onnxruntime"], env["onnxruntime_providers"] = None, []
-    try:
-        import tensorrt
-
-        env["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        env["tensorrt"] = None
-    try:
-        import polygraphy
-
-        env["polygraphy"] = polygraphy.__version__
-    except ImportError:
-        env["polygraphy"] = None
-    bf16 = bf16_support()
-    env["cpu"] = {"model": bf16.cpu, "cores": os.cpu_count(), "bf16_native": bf16.native, "bf16_flags": list(bf16.flags),
-                  "bf16": bf16.describe()}
-    dev = torch.device(device)
-    env["device_name"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                          else f"CPU: {bf16.cpu}, {os.cpu_count()} cores")
-    env["torch_threads"] = torch.get_num_threads()
-    return env
-
-
-def environment_lines(env: dict[str, Any], device_type: str) -> list[str]:
-    cudnn = env["cudnn"]
-    lines = [
-        f"device: {env['device_name']}",
-        f"torch {env['torch']} (CUDA {env['cuda'] or 'none'}, cuDNN {cudnn if cudnn else 'none'}, "
-        f"{env['torch_threads']} CPU threads)",
-        (f"onnxruntime {env['onnxruntime']}, providers: {', '.join(env['onnxruntime_providers'])}"
-         if env["onnxruntime"] else "onnxruntime: not installed"),
-        f"TensorRT: {env['tensorrt'] or 'not installed'}",
-        f"polygraphy: {env['polygraphy'] or 'not installed'}",
-        f"CPU: {env['cpu']['model']}, {env['cpu']['cores']} cores; {env['cpu']['bf16']}",
-    ]
-    missing = [name for name in ("onnxruntime", "polygraphy") if not env[name]]
-    if missing:
-        lines.append(f"missing: {', '.join(missing)}")
-    lines += [f"install: {line}" for line in INSTALL_LINES[device_type]]
-    return lines
 
 
 # -- the ladder -------------------------------------------------------------------------------------------------
@@ -643,152 +572,3 @@ class Doctor:
         return rows
 
 
-def summary(details: dict[str, Any]) -> str:
-    parts = []
-    for key, value in details.items():
-        if isinstance(value, dict) and "latent_max_rel" in value:
-            parts.append(f"{key} max rel. err {value['latent_max_rel']:.1e}")
-        elif key in ("latent_max_rel",):
-            parts.append(f"max rel. err {value:.1e}")
-        elif key in ("recompiles_after_first_request", "graph_breaks", "providers", "losses", "psnr_db",
-                     "tensors_updated", "cuda-graph"):
-            if isinstance(value, list) and value and isinstance(value[0], float):
-                value = ", ".join(f"{v:.3f}" for v in value)
-            elif isinstance(value, float):
-                value = f"{value:.1f}"
-            parts.append(f"{key} {value}")
-    return "; ".join(parts)
-
-
-# -- reports ----------------------------------------------------------------------------------------------------
-def markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    lines = [f"# profusion-rt doctor: {report['device_name']}", ""]
-    lines += [f"- {line}" for line in environment_lines(env, "cuda" if report["device"].startswith("cuda") else "cpu")]
-    lines += [f"- budget {report['budget_s']:.0f} s, elapsed {report['elapsed_s']:.0f} s, machine-speed factor "
-              f"{report['slowness']:.1f} (1 = a quiet 2-core CPU / the GPU estimates)", ""]
-    lines += ["## Checks", "", "| # | check | status | seconds | details |", "| ---: | --- | --- | ---: | --- |"]
-    for i, c in enumerate(report["checks"], 1):
-        text = c["reason"] if c["reason"] else summary(c["details"])
-        lines.append(f"| {i} | {c['name']}: {c['title']} | {c['status']} | "
-                     f"{c['seconds']:.1f} | {text.replace('|', '/')} |")
-    lines.append("")
-    if report["failed"]:
-        lines += [f"**FAILED: {report['failed']['check']}**: {report['failed']['reason']}", ""]
-    if report["timing"]:
-        tr = report["timing_request"]
-        lines += [f"## Timing on {report['device_name']}", "",
-                  f"One process, median of {tr['repeats']} call(s) after one untimed call; batch 1, 1 fusion step, "
-                  "the demo photo; end to end = prepare + loop + decode. Indicative: `profusion-rt bench` "
-                  "measures each backend in its own process.", "",
-                  "| config | backend | steps | per step (ms) | vs eager (per step) | end to end (s) | vs eager |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for r in report["timing"]:
-            if r.get("status") != "ok":
-                lines.append(f"| {r['config']} | {r['backend']} | {r['steps']} | {r['status']} | | | |")
-                continue
-            ratio = f"{r['vs_eager']:.2f}x" if "vs_eager" in r else ""
-            step_ratio = f"{r['vs_eager_per_step']:.2f}x" if "vs_eager_per_step" in r else ""
-            lines.append(f"| {r['config']} | {r['backend']} | {r['steps']} | {r['per_step_ms']:.1f} | {step_ratio} | "
-                         f"{r['end_to_end_s']:.3f} | {ratio} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-
-    out.mkdir(parents=True, exist_ok=True)
-    md = atomic_write_bytes(out / "doctor.md", markdown(report).encode())
-    js = atomic_write_json(out / "doctor.json", json.loads(json.dumps(report, default=str)))
-    return [md, js]
-
-
-# -- command line -----------------------------------------------------------------------------------------------
-EPILOG = """examples:
-  profusion-rt doctor                          # the GPU when there is one (540 s budget), else the CPU
-  profusion-rt doctor --device cpu             # the tiny ladder on the CPU (CI runs this)
-  profusion-rt doctor --device cpu --skip torch-compile --budget-s 120
-
-Writes doctor.md and doctor.json into --out. Exit status 0: every executed check passed; 1: a check failed
-(printed with the reason); 2: bad input. Install line for a machine without the dependencies:
-  GPU with CUDA torch installed:  pip install -e '.[onnx,serve]'   (keeps the installed torch)
-  CPU:                            pip install torch==2.13.0 -e '.[dev]'
-"""
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("doctor", help="check this machine: versions, a ladder of checks against eager, timings",
-                              description=__doc__.splitlines()[0], epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help=f"time limit of the whole run (default {DEFAULT_BUDGET_S['cuda']:.0f} on a GPU, "
-                        f"{DEFAULT_BUDGET_S['cpu']:.0f} on the CPU); checks that do not fit are reported as skipped")
-    p.add_argument("--out", default="outputs/doctor", help="folder for doctor.md and doctor.json")
-    p.add_argument("--skip", default="", help=f"comma-separated checks to leave out: {', '.join(SKIPPABLE)}")
-    p.add_argument("--artifacts", default=None,
-                   help="folder for the exported graphs (default: a temporary folder, removed afterwards)")
-    p.add_argument("--timing-steps", type=int, default=10, help="DDIM steps of the tiny timing request")
-    p.add_argument("--timing-repeats", type=int, default=None, help="timed calls per backend (default 2 CPU, 3 GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.set_defaults(handler=cmd_doctor)
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    import torch
-
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InvalidParameterError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidParameterError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError("--device cuda: no CUDA GPU is available here (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise BackendUnavailableError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    kind = dev.type
-    budget = DEFAULT_BUDGET_S[kind] if args.budget_s is None else args.budget_s
-    if not (isinstance(budget, float) and math.isfinite(budget) and budget > 0):
-        raise InvalidParameterError(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
-    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
-    unknown = [s for s in skip if s not in SKIPPABLE]
-    if unknown:
-        raise InvalidParameterError(f"unknown check(s) in --skip: {', '.join(unknown)}; choose from {', '.join(SKIPPABLE)}")
-    repeats = args.timing_repeats if args.timing_repeats is not None else (3 if kind == "cuda" else 2)
-    for name, value in (("--timing-steps", args.timing_steps), ("--timing-repeats", repeats)):
-        if value < 1:
-            raise InvalidParameterError(f"{name} must be a positive integer, got {value}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidParameterError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif kind == "cpu" and busy_cpu() and torch.get_num_threads() > 1:
-        # torch's OpenMP pool on oversubscribed cores runs many times slower than one thread
-        load, cores = busy_cpu()
-        torch.set_num_threads(1)
-        print(f"busy CPU (load average {load:.1f} on {cores} cores): 1 torch thread (--threads N to choose)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} exists and is not a folder")
-    artifacts = None if args.artifacts is None else Path(args.artifacts)
-
-    doctor = Doctor(str(dev), budget, out, skip=skip, artifacts=artifacts, timing_steps=args.timing_steps,
-                    timing_repeats=repeats, log=lambda line: print(line, flush=True))
-    report = doctor.run()
-    files = write_report(report, out)
-    print()
-    if report["timing"]:
-        print(markdown(report).split("## Timing", 1)[1].split("\n", 1)[1].strip())
-        print()
-    ran = [c for c in report["checks"] if c["status"] in ("passed", "failed")]
-    skipped = [c for c in report["checks"] if c["status"] == "skipped"]
-    print(f"wrote {', '.join(str(f) for f in files)} ({report['elapsed_s']:.0f} s)")
-    if report["failed"]:
-        print(f"FAILED: {report['failed']['check']}: {report['failed']['reason']}")
-        return 1
-    print(f"doctor: {len(ran)} check(s) passed, {len(skipped)} skipped"
-          + (f" ({', '.join(c['name'] + ': ' + c['reason'] for c in skipped)})" if skipped else ""))
-    return 0
