@@ -73,8 +73,6 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-
-
     overrides = {}
     for key in ("model", "device", "dtype", "reference_dtype", "steps", "fusion_steps", "batch", "repeats",
                 "warmup", "compile_mode", "budget_s"):
@@ -110,7 +108,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-
     cfg = config_from_args(args)
     if cfg.mode == "full" and cfg.device == "cpu":
         print("warning: --full on the CPU runs SD2-base shapes in fp32: expect hours; use --quick here",

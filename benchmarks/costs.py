@@ -45,8 +45,6 @@ class NetworkFlops:
 
     @classmethod
     def count(cls, model: str = "tiny", resolution: int | None = None) -> "NetworkFlops | None":
-
-
         built = meta_components(model, resolution)
         if built is None:
             return None
@@ -56,7 +54,6 @@ class NetworkFlops:
 
     @classmethod
     def from_pipeline(cls, pipe) -> "NetworkFlops":
-
         costs = {c.name: c.flops for c in count_network_costs(pipe.components(), pipe.resolution, batch=1)}
         return cls(**costs)
 

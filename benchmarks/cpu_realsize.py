@@ -85,7 +85,6 @@ def random_pipeline(model: str, precision: str, seed: int = 0):
     in ``precision`` (see the module docstring)."""
     import torch
 
-
     preset = get_preset(model)
     components = build_components(preset, device="meta")
     dtype = torch_dtype(precision)
@@ -114,7 +113,6 @@ def run_row(job: dict[str, Any]) -> dict[str, Any]:
     return the timings. The result file is rewritten after every phase, so a row cut by the budget still
     says how far it got."""
     import torch
-
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -164,12 +162,10 @@ def cpu_slug(name: str) -> str:
 
 
 def default_out() -> Path:
-
     return Path("benchmarks") / "results" / f"cpu-realsize-{cpu_slug(cpu_model())}"
 
 
 def _run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-
     cmd = [sys.executable, "-m", "profusion_rt.benchmarks.cpu_realsize", "--worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_worker_env())
@@ -324,7 +320,6 @@ def cmd_bench_cpu(args: argparse.Namespace) -> int:
 
 
 def _worker_main(job: dict[str, Any]) -> int:
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if job.get("export"):

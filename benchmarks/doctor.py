@@ -140,7 +140,6 @@ class Timed:
 
 
 def _sync_fn(device):
-
     return make_sync(device)
 
 
@@ -216,7 +215,6 @@ class Doctor:
         return self._pipe
 
     def request(self, seed: int, steps: int) -> dict:
-
         return dict(reference_image=self.image, prompt=DEMO_PROMPT, num_inference_steps=steps, seed=seed,
                     fusion_steps=1)
 
@@ -306,8 +304,6 @@ class Doctor:
         import torch._dynamo
         from torch._dynamo.utils import counters
 
-
-
         label = "torch-compile+cuda-graph" if self.kind == "cuda" else "torch-compile"
         runtime = create_runtime(self.pipe, "torch-compile")
         frames0 = counters["frames"]["total"]
@@ -338,8 +334,6 @@ class Doctor:
     def check_sd2_fp16(self) -> dict[str, Any]:
         import torch
 
-
-
         pipe = build_pipeline("sd2-base", str(self.device), "fp16", seed=0)
         request = self.request(0, SD2_STEPS)
         t = time.perf_counter()
@@ -366,8 +360,6 @@ class Doctor:
                 "latent_max_rel": p.latent_max_rel}
 
     def export_stages(self, name: str, **options) -> Path:
-
-
         root = self.artifact_root(name)
         reports = export_artifacts(self.cpu_pipe, root, graphs=list(STAGE_GRAPHS), batch=1, exporter="legacy",
                                    **options)
@@ -376,8 +368,6 @@ class Doctor:
         return root
 
     def check_onnxruntime(self) -> dict[str, Any]:
-
-
         import torch
 
         root = self.export_stages("onnx")
@@ -389,8 +379,6 @@ class Doctor:
         return details
 
     def check_tensorrt(self) -> dict[str, Any]:
-
-
         root = self.export_stages("tensorrt", backend="tensorrt", precision="fp16")
         runtime = create_runtime(self.pipe, "tensorrt", artifacts=root, precision="fp16")
         io = {}
@@ -410,7 +398,6 @@ class Doctor:
 
     def check_customize(self) -> dict[str, Any]:
         import torch
-
 
         pipe = copy.deepcopy(self.cpu_pipe).to(self.device)
         before = {k: p.detach().clone() for k, p in trainable_parameters(pipe, "customize").items()}

@@ -51,7 +51,6 @@ def register(subparsers) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)

@@ -28,8 +28,6 @@ def environment(device) -> dict[str, Any]:
     """Versions and hardware: torch, CUDA, cuDNN, onnxruntime (+ providers), TensorRT, polygraphy, CPU, bf16."""
     import torch
 
-
-
     env: dict[str, Any] = {"versions": versions(), "machine": machine_info(device)}
     env["torch"] = torch.__version__
     env["cuda"] = torch.version.cuda
@@ -136,7 +134,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-
     out.mkdir(parents=True, exist_ok=True)
     md = atomic_write_bytes(out / "doctor.md", markdown(report).encode())
     js = atomic_write_json(out / "doctor.json", json.loads(json.dumps(report, default=str)))

@@ -30,7 +30,6 @@ from profusion_rt.benchmarks.suite import SuiteConfig, run_suite
 
 
 def config(args: argparse.Namespace):
-
     steps = args.steps
     return SuiteConfig.full(
         model=args.model, device=args.device, dtype=args.dtype, reference_dtype=args.reference_dtype,

@@ -84,7 +84,6 @@ def _load_pipeline(job: dict[str, Any], resolution: int | None = None):
 
 
 def _request(job: dict[str, Any], **overrides) -> dict[str, Any]:
-
     request = dict(job["request"], **overrides)
     request["reference_image"] = demo_reference_image() if request.pop("reference", "demo") == "demo" else None
     return request
@@ -177,7 +176,6 @@ def task_stages(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
     on a shared machine hits every stage alike."""
     import torch
 
-
     opts = dict(job.get("stages") or {})
     warmup, repeats = int(opts.get("warmup", 2)), max(int(opts.get("repeats", 7)), 1)
     images = int(opts.get("batch", 1))
@@ -224,7 +222,6 @@ def task_stages(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
 
 
 def _torch_stage_call(pipe, graph: str, batch: int, prompt: str):
-
     if graph in ("fusion_stage_official", "refinement_stage_official"):
 
         fusion, refinement = official_stage_modules(pipe, prompt)
@@ -240,7 +237,6 @@ def _torch_stage_call(pipe, graph: str, batch: int, prompt: str):
 
 def _ort_stage_call(pipe, job: dict[str, Any], graph: str, batch: int):
     import torch
-
 
     precision = job.get("precision") or "fp32"
     try:
@@ -264,7 +260,6 @@ def task_compare(pipe, job: dict[str, Any], sync) -> list[dict[str, Any]]:
     """Sampling modes at equal steps, interleaved repeat by repeat (drift on a shared machine hits every
     mode alike). Group "eager": the reference pipeline, plain SD2 CFG vs ProFusion with fusion_steps 0, 1,
     2. Group "fused": the torch runtime loop with our minimal stages vs the official-style stages."""
-
 
     opts = dict(job.get("compare") or {})
     steps = int(opts.get("steps", job["request"].get("num_inference_steps", 10)))
@@ -375,7 +370,6 @@ class Session:
     def __init__(self, job: dict[str, Any]):
         import torch
 
-
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         self.job = job
@@ -412,7 +406,6 @@ class Session:
         return timing
 
     def task(self, name: str) -> Any:
-
         if name == "peak":
             import torch
 

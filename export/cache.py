@@ -370,7 +370,6 @@ class ArtifactBuilder:
         report.checks += rows
 
     def _build_plan(self, spec, folder, manifest, status, report, note, opt_sha) -> None:
-
         trt_mod, gpu, version = self._trt
         o = self.options
         shapes = trt_mod.profile_shapes(spec, self.dims, o.batch, o.dynamic_batch)

@@ -56,7 +56,6 @@ def register(subparsers) -> None:
 
 
 def _graph_list(text: str) -> list[str]:
-
     if text.strip() == "all":
         return list(GRAPHS)
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -69,7 +68,6 @@ def _graph_list(text: str) -> list[str]:
 
 
 def _load(args):
-
     if Path(args.model).is_dir():
         return ProFusionPipeline.from_pretrained(args.model, promptnet_path=args.promptnet)
     if args.promptnet is not None:
@@ -80,7 +78,6 @@ def _load(args):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-
     graphs = _graph_list(args.graphs)
     dynamic = None
     if args.dynamic_batch:
@@ -90,7 +87,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--max-batch needs --dynamic-batch")
 
     from tqdm.auto import tqdm
-
 
     options = ExportOptions(precision=args.precision, backend=args.backend, batch=args.batch,
                             dynamic_batch=dynamic, opset=args.opset, exporter=args.exporter,

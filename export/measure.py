@@ -57,8 +57,6 @@ def _watchdog(min_free_gb: float) -> None:
 def measure_one(args) -> dict:
     import torch
 
-
-
     _watchdog(args.min_free_gb)
     t0 = time.perf_counter()
     pipe = ProFusionPipeline.from_preset(args.preset, seed=0)

@@ -658,7 +658,6 @@ def write_ort_model(src: str | os.PathLike, dst: str | os.PathLike) -> OrtModelI
     are written inline (the model is then under 2 GB, since ``src`` was)."""
     import onnx
 
-
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src), load_external_data=False)

@@ -34,7 +34,6 @@ def main() -> int:
     import torch
     from skimage import data as skdata
 
-
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -63,7 +63,6 @@ def main() -> int:
         print("skipped: no CUDA GPU available (this script times customization on a GPU)")
         return 0
 
-
     cuda = device.type == "cuda"
 
     def sync() -> None:

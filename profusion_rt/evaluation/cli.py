@@ -42,7 +42,6 @@ DEFAULT_PROMPT = "a photo of a {S*}"
 
 
 def register(subparsers) -> None:
-
     class Formatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
@@ -80,7 +79,6 @@ def register(subparsers) -> None:
 
 
 def _prompts(args) -> list[str]:
-
     prompts = list(args.prompt or [])
     if args.prompts is not None:
         path = Path(args.prompts)
@@ -95,7 +93,6 @@ def _prompts(args) -> list[str]:
 
 
 def _folders(specs: list[str]) -> dict[str, Path]:
-
     folders: dict[str, Path] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
@@ -110,7 +107,6 @@ def _folders(specs: list[str]) -> dict[str, Path]:
 
 
 def _seeds(text: str) -> list[int]:
-
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -151,7 +147,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         logger.warning("face identity skipped for every image: %s", face.problem)
 
     import torch
-
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -197,7 +197,6 @@ def quality_rows(sets: dict[str, ImageSet], items: Sequence[Item], reference_ima
     (image vs the reference image), DINO and face similarity (when their models are given)."""
     from tqdm.auto import tqdm
 
-
     ref_clip = clip.image_embeddings([reference_image])[0]
     ref_dino = dino.image_embeddings([reference_image])[0] if dino is not None else None
     ref_face = face.embed(reference_image) if face is not None else None

@@ -95,7 +95,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _square_pixels(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-
     x = pil_to_tensor(center_crop_resize(image.convert("RGB"), size))
     m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)

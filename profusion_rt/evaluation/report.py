@@ -110,7 +110,6 @@ def grid(reference: Image.Image, sets: Sequence[Any], items: Sequence[Any], cell
 
 
 def png_bytes(image: Image.Image, metadata: dict[str, str] | None = None) -> bytes:
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=png_info(metadata))
     return buffer.getvalue()
@@ -121,7 +120,6 @@ def write_outputs(out: str | Path, report: dict[str, Any], grid_image: Image.Ima
     """Write the report's files under ``out``, each atomically: ``images`` (relative path -> PNG bytes)
     first, then ``grid.png``, ``eval.md`` and last ``eval.json``."""
     import json
-
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -108,7 +108,6 @@ def _onnxruntime(pipe: ProFusionPipeline, artifacts: Path | None = None, precisi
 
 def _tensorrt(pipe: ProFusionPipeline, artifacts: Path | None = None, precision: str = "fp16",
               **_) -> tuple[Engine, Engine]:
-
     require_tensorrt()
     if artifacts is None:
         raise InvalidParameterError("the tensorrt backend needs an artifact folder (profusion-rt export --backend tensorrt)")

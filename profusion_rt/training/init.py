@@ -241,7 +241,6 @@ def pipeline_from_sd2(model: str | Path, image_encoder: str | Path | None = None
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-
     root = resolve_model_source(str(model), "model", ["model_index.json", "unet/*", "vae/*", "text_encoder/*",
                                                       "tokenizer/*", "scheduler/*"])
     image_encoder = find_image_encoder(root, image_encoder)

@@ -29,7 +29,6 @@ def build_tiny_inpainting_pipeline(seed: int = 0):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         unet = UNet2DConditionModel(
