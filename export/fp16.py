@@ -1,27 +1,10 @@
 """The float16 variant of a graph: float16 weights and activations, float32 where SD2 needs it.
 
-What is kept in float32, and why:
-
-* **GroupNorm and LayerNorm** (every resnet block, every transformer block, the text encoder's layers
-  and final norm): their mean/variance reductions over thousands of float16 values overflow or lose the
-  variance; they run on float32 inputs with float32 weights and cast the result back to float16.
-* **Attention of models configured with ``upcast_attention``** (SD2-768's UNet and PromptNet): diffusers'
-  SDPA processor ignores that flag, so those attention layers get :class:`UpcastAttnProcessor`, which
-  computes the scores, softmax and weighted sum in float32. SD2-base (``upcast_attention=False``) keeps
-  float16 attention, as it is run in diffusers (TensorRT's fused attention accumulates in float32).
-  diffusers' classic ``AttnProcessor`` is *not* used: its ``baddbmm`` on an empty tensor bakes a
-  (heads x B, L, L) constant into the graph, with the export batch frozen in it.
-* **The graphs' float32 inputs**: ``scalars`` and ``embedding_scale`` stay float32 inputs; timestep
-  embeddings are computed in float32 by diffusers before the cast; the CLIP preprocessing of the image
-  encoder runs in float32.
-* **The whole VAE decoder** (``vae_decoder``): its mid-block attention over 512 channels and its up-blocks
-  overflow float16 at SD2 sizes (NaN or black images, the reason diffusers upcasts the VAE); the float16
-  graph keeps float16 inputs and outputs and computes in float32 inside (:class:`Float32Graph`). It runs
-  once per image, so this costs little.
-
-This is done on a float16 *copy* of the torch module before export (so the exported ONNX carries the
-casts, and TensorRT builds it as a strongly typed network that keeps them). The pipeline's own float32
-networks are not touched.
+A float16 *copy* of the torch module is made before export, with GroupNorm and LayerNorm in float32, float32
+attention for models configured with ``upcast_attention``, the graphs' float32 inputs kept, and the whole VAE
+decoder computing in float32 inside (:class:`Float32Graph`). The exported ONNX carries the casts; the
+pipeline's own float32 networks are not touched. What is kept in float32 and why: docs/export.md,
+"The fp16 variant".
 """
 
 from __future__ import annotations
@@ -77,13 +60,13 @@ class Float32Graph(nn.Module):
 
 
 def _float32_graph_types() -> tuple[type, ...]:
-    """Graph modules exported in float32 inside a float16 graph (see the module docstring)."""
+    """Graph modules exported in float32 inside a float16 graph (docs/export.md, "The fp16 variant")."""
 
     return (VaeDecoderGraph,)
 
 
 def to_mixed_fp16(module: nn.Module) -> nn.Module:
-    """A float16 copy of ``module`` with the float32 islands described in the module docstring. The
+    """A float16 copy of ``module`` with the float32 islands described in docs/export.md. The
     copy is made tensor by tensor in float16 (the float32 weights are not duplicated as a whole). The VAE
     decoder graph is not copied: it is wrapped in :class:`Float32Graph`."""
     if isinstance(module, _float32_graph_types()):

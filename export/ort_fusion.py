@@ -1,70 +1,11 @@
 """Optimized ONNX -> onnxruntime-specific ONNX: attention rewritten into ``com.microsoft.MultiHeadAttention``.
 
-Why: onnxruntime runs the attention of the exported graphs as the exporter lowered it, two batched MatMuls
-around a Softmax with the full ``[B, N, S, L]`` score tensor in memory. Its contrib op
-``com.microsoft.MultiHeadAttention`` (a CPU kernel with a flash-attention path, and a CUDA kernel) does the
-same work in one node without materialising the scores and without the head transposes. On the 2-core
-CPU machine, tiny preset, one fusion + one refinement call ran 5-10 % faster (either exporter; figures in
-export/README.md), with a max abs difference of at most 7e-6 on outputs of magnitude 4. TensorRT cannot
-parse ``com.microsoft`` ops, so the rewrite goes to a file of its own (``model.ort.onnx``) next to the
-backend-neutral ``model.opt.onnx``, which stays as it is.
-
-The pattern: diffusers' ``scaled_dot_product_attention`` at opset 18 after polygraphy's folding, in the
-lowering of either of torch's exporters. Query, value and output are the same in both::
-
-    q2d -> Reshape(q2d, [b, s, N, H]) -> Transpose(perm 0,2,1,3) -> Mul(., sq)         sq: scalar constant
-    k2d -> Reshape(k2d, [b, s, N, H]) -> (key chain below: [B, N, H, L]) -> Mul(., sk) sk: scalar constant
-    S = MatMul(q_scaled, k_scaled);  P = Softmax(S, axis=-1)
-    v2d -> Reshape(v2d, [b, s, N, Hv]) -> Transpose(perm 0,2,1,3) -> v_t
-    A = MatMul(P, v_t) -> Transpose(perm 0,2,1,3) -> Reshape(., [b, s, N*Hv])  -> out
-
-The key chain turns the key's heads view ``[B, L, N, H]`` into ``[B, N, H, L]``:
-
-* TorchScript ("legacy") exporter: one ``Transpose(perm 0,2,3,1)``; reshape targets ``[B or 0, -1, N, H]``.
-* dynamo exporter (torch.export; the CLI's default)::
-
-      Transpose(perm 0,2,1,3) -> t4 [B, N, L, H] -> Reshape(., [-1, L, H]) -> Transpose(perm 0,2,1)
-          -> Reshape(., split) -> [B, N, H, L]
-
-  where ``split`` is the constant ``[B, N, H, L]`` for a static batch, and for a symbolic batch
-  ``Concat(Slice(Shape(t4), 0, -2), [H], [L])`` (``t4``'s own ``[B, N]``), the only other reader of ``t4``.
-  The other reshape targets are ``[B, -1, N, H]`` / ``[B, -1, N*Hv]`` (static batch) or ``[-1, S, N, H]`` /
-  ``[-1, S, N*Hv]`` with the static sequence length S (symbolic batch).
-
-Both exporters split SDPA's ``1/sqrt(H)`` into ``H**-0.25`` on each side. The pattern becomes one node
-``MultiHeadAttention(q2d, k2d, v2d) -> out`` with ``num_heads=N`` and ``scale=sq*sk``; q2d, k2d and v2d are
-the ``[B, S, N*H]`` outputs of the projections, exactly MultiHeadAttention's 3-D inputs.
-
-A Softmax is rewritten only when the whole chain is certain:
-
-* the scores, probabilities, attention output and every removed intermediate have exactly one consumer
-  (none is a graph output; for the dynamo key's ``t4``: its two readers above, the Shape's chain feeding
-  nothing else), the perms are exactly the ones above, the Softmax is over the last axis;
-* ``sq`` and ``sk`` are constants with one element (an initializer that is not also a graph input, or a
-  ``Constant`` node), so the scale is known; the scale is passed explicitly, so a non-default scale is
-  exact too;
-* the reshape targets are constant where it matters: ``[b, s, N, H]`` with N and H from the shape (an
-  initializer/``Constant``, or a ``Concat`` of one-element parts after folding), ``s`` -1 (or 0, or the
-  static sequence length), ``b`` the batch (0, a ``Shape -> Gather(0)`` read of a tensor's batch, the
-  static batch, or -1 when ``s`` is the static sequence length and N*H the known projection width, so
-  that -1 can only be the batch); q, k and v have the same N, q and k the same H, and the output reshape is
-  ``[b, s, N*Hv]`` under the same rules. When the shape holds ``-1`` for N (transformers' CLIP does this),
-  N comes from the projection width D (from shape inference) as D / H; when D is known, N*H must equal it.
-  The dynamo key's reshapes must be exactly ``[-1 or B*N, L, H]`` and ``[-1 or B, N, H, L]`` (or the
-  ``Concat`` above) for the key's N and H and its static length L. Anything uncertain is left alone and
-  counted as not fused, with the reason.
-
-Attention with a mask (the CLIP text encoder's causal attention: an ``Add`` between the scores MatMul and
-the Softmax) does not match and is left as it is, in both lowerings.
-
-Surgery: the fused node takes the place of the output Reshape in the node list, so the order stays
-topological; the pattern's nodes (with the dynamo key's ``Shape -> Slice -> Concat``) go, and so do nodes
-and initializers that only fed them (the reshape targets, the scale constants); value_info of removed
-tensors is dropped, everything else (names of weights, metadata, value_info of kept tensors) is kept.
-Weights are never loaded: the model is read with ``load_external_data=False`` and written next to its
-source, so initializers in external data keep pointing at the same data file (shared with ``model.onnx`` /
-``model.opt.onnx``), under the same names.
-The opset import ``com.microsoft`` v1 and a metadata entry ``ort_fusion`` (what was fused) are added.
+The unmasked attention of the stage graphs (diffusers' SDPA after polygraphy's folding, in the lowering of
+either torch exporter) becomes one ``MultiHeadAttention(q, k, v)`` node with its head count and scale, so
+onnxruntime runs it without the ``[B, N, S, L]`` score tensor. Only certain matches are rewritten; anything
+else is left with a recorded reason. The result goes to ``model.ort.onnx`` beside the backend-neutral
+``model.opt.onnx`` (TensorRT cannot parse ``com.microsoft`` ops) and reads the same external data.
+The pattern, the conditions of a match and why: docs/export.md, "Attention fusion for onnxruntime".
 """
 
 from __future__ import annotations
@@ -285,7 +226,7 @@ class _Match:
 
 @dataclass
 class _KeyChain:
-    """How the key reaches the scores MatMul as ``[B, N, H, L]`` (see the module docstring)."""
+    """How the key reaches the scores MatMul as ``[B, N, H, L]`` (docs/export.md, "Attention fusion for onnxruntime")."""
 
     reshape: Any  # Reshape(k2d, [b, s, N, H]): the key's heads view
     nodes: list  # the nodes between it and the key's scale Mul (they go away)
@@ -533,7 +474,7 @@ def _opset(model, domain: str = "") -> int:
 
 def fuse_attention(model) -> FusionResult:
     """Rewrite every matching attention of ``model`` (an ``onnx.ModelProto``, changed in place) into
-    ``com.microsoft.MultiHeadAttention``. See the module docstring for the pattern and the conditions."""
+    ``com.microsoft.MultiHeadAttention``. The pattern and the conditions: docs/export.md."""
     import onnx
     from onnx import helper
 
