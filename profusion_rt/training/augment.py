@@ -1,28 +1,11 @@
 """The single-image customization set: the original photo plus seeded augmentations, as the official notebook.
 
-The official notebook (``test.ipynb``; docs/training.md) builds its mini dataset from one photo:
-
-1. ``Resize(512, BILINEAR)`` (shorter side, PIL) then ``CenterCrop(512)``, then ``RandomHorizontalFlip()``;
-2. a **face box** is kept, rows 30-460 x columns 100-400 at 512 px, everything else blanked (here scaled
-   to the model's resolution: rows ``round(30 R / 512)``..., a box centred on a portrait's face);
-3. ``RandomAffine(degrees=(-10, 10), translate=(0.2, 0.2), scale=(0.6, 1.0))`` on the tensor, torchvision's
-   default **NEAREST** resampling and fill 0 (angle uniform, translations whole pixels
-   ``round(U(-0.2 W, 0.2 W))``, scale uniform; implemented here with the same inverse matrix and sampling
-   grid as torchvision's tensor ``affine`` because torchvision cannot be installed beside our torch build);
-4. every blank pixel (outside the moved box; the image is offset by 1e-5 first so only blanks are 0) is
-   **inpainted** by SD2-inpainting (``StableDiffusionInpaintPipeline``, 50 steps, guidance 7.5) with a face
-   prompt and a negative prompt (:data:`INPAINT_PROMPT`, :data:`INPAINT_NEGATIVE_PROMPT`); the inpainting
-   output is the augmented image (as the notebook, which keeps the pipeline's whole output);
-5. 31 such images plus the original (centre crop, LANCZOS, as the reference preprocessing).
-
-Without an inpainting model the fallback is a **border fill**: no face box, the same flip and affine map,
-and the area the moved image no longer covers repeats its nearest edge pixel (``"reflection"`` mirrors,
-``"mean"`` paints the mean colour). :func:`augmentation_record` describes which was used (written into the
-subject delta's metadata).
-
-All parameters come from ``torch.Generator().manual_seed(seed)`` in a fixed order (per augmentation: flip,
-angle, translate x, translate y, scale), so a seed always gives the same geometry; each inpainting call
-draws from its own seeded generator.
+Each augmentation: resize and centre crop, a random flip, the notebook's face box, ``RandomAffine`` with
+nearest resampling (reimplemented with torchvision's inverse matrix and sampling grid), and the blank area
+inpainted by SD2-inpainting (:data:`INPAINT_PROMPT`, :data:`INPAINT_NEGATIVE_PROMPT`); without an inpainting
+model a border fill. Every parameter comes from ``torch.Generator().manual_seed(seed)`` in a fixed order.
+:func:`augmentation_record` describes which was used (written into the subject delta's metadata). The
+notebook's steps and where we differ: docs/training.md, "Customization augmentation".
 """
 
 from __future__ import annotations

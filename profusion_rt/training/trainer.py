@@ -1,34 +1,12 @@
-"""The ProFusion training step and loop (docs/training.md), shared by pre-training and customization.
+"""The ProFusion training step and loop, shared by pre-training and customization (docs/training.md).
 
-One step, batch B (every random draw from the run's CPU ``torch.Generator``, in this order, so a run is
-reproducible from its seed on any device and can be resumed exactly):
-
-1. B target indices from the data order (:class:`~profusion_rt.training.data.PairSampler`), then one
-   reference per target from its subject group;
-2. VAE posterior noise of the targets, then of the references (``mode="sample"``, as the official code:
-   z = (mean + std * n) * scaling_factor; the frozen VAE's mean and std are cached per image for small sets);
-3. timesteps t ~ U{0, ..., T-1};  4. noise eps ~ N(0, I).
-
-Then :func:`diffusion_loss` (public, it takes its noise and timesteps explicitly): x_t = sqrt(a_t) z +
-sqrt(1 - a_t) eps (``alphas_cumprod`` of the scheduler), S* = PromptNet(z_ref, t, CLIP tokens of the
-reference, x_t), the condition C = text encoder of the training prompt with S* in place of the placeholder
-(scale 1), and the loss is the mean over the batch of the per-image mean of (UNet(x_t, t, C) - eps)^2, in
-float32. No regularizer.
-
-Prompt (:func:`training_prompt_ids`): "a photo of {S*}" (the official ``"A photo of " + S*``; the CLIP
-tokenizer lower-cases) encoded as the official code does, **unpadded**: 6 tokens <start> a photo of S*
-<end>, S* replacing the whole embedding row at index 4 (token and position), the penultimate text layer,
-then the final layer norm (as in sampling).
-
-Trainable: PromptNet (``mode="pretrain"``), or PromptNet plus every UNet attention ``to_q``/``to_k``/
-``to_v`` (``mode="customize"``); everything else is frozen and stays in eval mode (SD2 has no dropout).
-Trainable weights are float32; ``precision`` adds autocast: ``"auto"`` = fp16 with a gradient scaler on
-CUDA (the official ``--mixed_precision fp16``), fp32 on the CPU; bf16 on request. AdamW (betas 0.9/0.999,
-eps 1e-8, weight decay 1e-2 on every trainable tensor), constant learning rate. Gradient-norm clipping as
-the official code: pre-training clips PromptNet's gradients at 1.0, customization does not clip
-(``max_grad_norm``, ``clip_scope`` change it). Optional EMA with the warm-up of the official code's
-diffusers ``EMAModel``: the n-th update (n = 1, 2, ...) uses decay 0 for n = 1 and
-min(decay, n / (9 + n)) = min(decay, (1 + k) / (10 + k)) with k = n - 1 after that.
+One step draws, from the run's seeded CPU generator and in a fixed order, the targets and their references,
+the VAE posterior noise, timesteps and noise, so a run is reproducible from its seed and resumes exactly;
+:func:`diffusion_loss` is the official ε-MSE (v-MSE for v models) with S* inserted into the unpadded
+6-token prompt "a photo of {S*}" (:func:`training_prompt_ids`). Trainable: PromptNet (``mode="pretrain"``),
+or PromptNet plus every UNet attention ``to_q``/``to_k``/``to_v`` (``mode="customize"``); AdamW, gradient
+clipping, autocast and the EMA warm-up as the official code. The step in detail and the defaults against the
+official values: docs/training.md.
 """
 
 from __future__ import annotations
