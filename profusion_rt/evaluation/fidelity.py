@@ -9,11 +9,7 @@ error.
 
 Status of a backend (:func:`fidelity_status`): ``ok`` when, over all items, the smallest PSNR is at least
 ``psnr_min`` (default 30 dB) and the smallest SSIM at least ``ssim_min`` (default 0.95); else ``FLAGGED``
-with the first failing figure. Why these values: float32 backends on the same seeds agree with the eager
-reference to about 1e-6 in the latents (120-130 dB PSNR on the tiny preset); 30 dB is an RMS error of about
-8/255 (3 % of the range, visible side by side) and an SSIM below 0.95 is a visible change of structure, so a
-backend below either has changed the picture, not only its rounding. Reduced-precision backends drift more:
-compare them with a looser ``--psnr-min`` chosen for the precision.
+with the first failing figure. Why these thresholds: docs/eval.md.
 """
 
 from __future__ import annotations

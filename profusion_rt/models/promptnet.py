@@ -1,28 +1,12 @@
 """PromptNet: maps a reference latent, the live chain latent x_t, the timestep and CLIP image tokens to S*.
 
-Module and parameter names follow the released ProFusion checkpoint (docs/checkpoint.md), so its
-state dict loads strictly once the unused ``residual*`` keys are dropped (or, with
-``with_residual_heads=True``, loads strictly as is). The network is a ControlNet-like clone of the SD2
-UNet's encoder half built from diffusers' own blocks, plus a token head:
-
-    h = conv_in(z_ref) + E(x_t);   context = vision_embedding(image tokens)
-    down blocks, mid block (cross-attending to the context)
-    head: strided convs after conv_in, after each down block and after the mid block -> concat -> conv
-    S* = (B, N, prompt_channel), N = 1 for the configured latent size.
-
-Two ``config.json`` dialects are read (:meth:`PromptNetConfig.from_dict` tells them apart):
-
-* **official** (``PromptNetModel`` of the ProFusion fork, what its ``train.py`` saves): ``region_kernel_size``
-  is the kernel (= stride) of the FINAL conv ``region_prompt_output``; the head convs' kernels are not
-  configurable: they start at ``max(2 ** (len(down_block_types) - 1), 8)`` for ``first_prompt_projection``
-  and halve after each non-final down block (``down_prompt_projections.i``; ``mid_prompt_projection`` takes
-  the last value). Missing keys take the official class's defaults. The official class hard-codes a
-  1280-wide vision input; here the width comes from the weights (``vision_embedding.weight``).
-* **ours** (what :meth:`PromptNet.save_config` writes, recognised by its ``region_output_kernel_size`` key):
-  ``region_kernel_size`` is the FIRST head conv's kernel and ``region_output_kernel_size`` the final one's
-  (``None``: equal to ``region_kernel_size``), ``vision_width`` is stored.
-
-Both are held in :class:`PromptNetConfig` in our terms.
+A ControlNet-like clone of the SD2 UNet's encoder half built from diffusers' own blocks, plus a token head
+(strided convs after ``conv_in``, each down block and the mid block -> concat -> conv -> S*). Module and
+parameter names follow the released ProFusion checkpoint, so its state dict loads strictly once the unused
+``residual*`` keys are dropped (or as is, with ``with_residual_heads=True``). Two ``config.json`` dialects
+are read, the official one and ours (:meth:`PromptNetConfig.from_dict` tells them apart), and held in
+:class:`PromptNetConfig` in our terms. The layout, the official config rules and our dialect:
+docs/checkpoint.md; the network's role: docs/algorithm.md, section 8.
 """
 
 from __future__ import annotations
