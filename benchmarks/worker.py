@@ -10,7 +10,7 @@ Job keys (all but ``backend`` and ``out`` optional):
 * ``backend``: "eager" (the reference pipeline) or a runtime backend (torch, torch-compile, onnxruntime,
   tensorrt); ``name`` (default: the backend) names the output files;
 * ``model`` (preset or folder, default tiny), ``device``, ``dtype``, ``weights_seed``, ``resolution``
-  (a preset at another resolution, see :func:`benchmarks.models.preset_at_resolution`);
+  (a preset at another resolution, see :func:`profusion_rt.benchmarks.models.preset_at_resolution`);
 * ``request``: keyword arguments of the pipeline call; ``"reference": "demo"`` (default) uses the demo
   photo, ``null`` runs without a reference (plain SD2);
 * ``threads``: torch intra-op threads; ``ort_threads``: onnxruntime intra-op threads (when given, the

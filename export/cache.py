@@ -174,7 +174,7 @@ class ArtifactBuilder:
     def run(self, graphs: Sequence[str] | None = None, progress: bool = True, strict: bool = True,
             on_report=None) -> list[GraphReport]:
         """Export ``graphs`` (default: all). With ``strict``, a failed validation raises
-        :class:`~export.validate.ValidationError` after every graph has been processed."""
+        :class:`~profusion_rt.export.validate.ValidationError` after every graph has been processed."""
         names = list(graphs) if graphs else list(GRAPHS)
         specs = [get_graph(n) for n in names]
         if self.options.backend == "tensorrt":

@@ -1,7 +1,7 @@
 """Optimized ONNX -> TensorRT plan, through polygraphy's Python API.
 
 * Precision: ``fp32`` builds the float32 ONNX and ``fp16`` the float16 ONNX (with its float32 islands, see
-  :mod:`export.fp16`), both as *strongly typed* networks (TensorRT keeps exactly the ONNX types; TF32 off);
+  :mod:`profusion_rt.export.fp16`), both as *strongly typed* networks (TensorRT keeps exactly the ONNX types; TF32 off);
   that is the only kind TensorRT 11 builds. ``bf16`` builds the float32 ONNX with the BF16 builder flag
   (weakly typed: TensorRT picks bf16 kernels where it can), which exists in TensorRT 10 only: TensorRT 11
   removed ``BuilderFlag.BF16`` (and every weak-typing flag), so a bf16 build there is refused with
@@ -251,7 +251,7 @@ def load_plan(entry: ArtifactEntry, plan_name: str | None = None):
 def validate_plan(spec: GraphSpec, pipe: Any, entry: ArtifactEntry, plan_name: str, batches=(1,),
                   seed: int | None = None):
     """TensorRT (polygraphy ``TrtRunner``) against the float32 torch module, like
-    :func:`export.validate.validate_onnx`."""
+    :func:`profusion_rt.export.validate.validate_onnx`."""
     from polygraphy.backend.trt import TrtRunner
 
     from profusion_rt.export.validate import compare, draw_inputs, fresh_seed, torch_reference
