@@ -40,7 +40,7 @@ FACE_BOX_512 = (30, 460, 100, 400)
 #: The notebook's SD2-inpainting prompt and negative prompt. The official ``test.ipynb`` blob is not
 #: retrievable from the repository snapshot we can read; these are taken from a public export of that
 #: notebook whose every other setting (31 images, 100 iterations, batch 4, the box, the affine ranges,
-#: 50 steps, guidance 7.5) matches docs/algorithm.md's reading of it.
+#: 50 steps, guidance 7.5) matches docs/training.md's reading of it.
 INPAINT_PROMPT = ("a photo of a man, highly detailed, soft natural lighting, photo realism, professional portrait, "
                   "ultra-detailed, 4k resolution, wallpaper, hd wallpaper")
 INPAINT_NEGATIVE_PROMPT = ("magzine, frame, tiled, repeated, multiple people, multiple faces, group of people, "

@@ -1,4 +1,5 @@
-"""PromptNet initialised from an SD2 UNet, as the official pre-training starts (docs/algorithm.md, "The loop", "Init").
+"""PromptNet initialised from an SD2 UNet, as the official pre-training starts (docs/training.md,
+"Pre-training from a plain SD2 folder").
 
 The official ``train.py`` builds PromptNet with ``PromptNetModel.from_pretrained(<SD2>, subfolder="unet")``:
 every PromptNet parameter whose name and shape exist in the UNet is loaded from it (``conv_in``, the time
