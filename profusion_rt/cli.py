@@ -35,8 +35,8 @@ from profusion_rt.core.presets import (
 from profusion_rt.demo import run_demo
 from profusion_rt.models.factory import build_components
 from profusion_rt.models.flops import count_network_costs, sample_flops
-from profusion_rt.models.loading import convert_model
 from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.pipeline.convert import convert_model
 from profusion_rt.runtime import Runtime, create_runtime
 
 logger = logging.getLogger("profusion_rt")
@@ -268,7 +268,7 @@ def _extra_parsers():
 
     found = []
     for module in ("profusion_rt.training.cli", "profusion_rt.export.cli",
-                   "profusion_rt.benchmarks.cli", "profusion_rt.benchmarks.cpu_realsize", "profusion_rt.serve_cli",
+                   "profusion_rt.benchmarks.cli", "profusion_rt.benchmarks.cpu_realsize", "profusion_rt.serve.cli",
                    "profusion_rt.evaluation.cli"):
         try:
             mod = importlib.import_module(module)
