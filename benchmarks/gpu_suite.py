@@ -1,22 +1,12 @@
-"""Prepared GPU benchmark (not a test): the suite at SD2-base shapes with random weights, fp16, sized to fit
-ONE call of the lent GPU machine (at most 8 minutes; ``--budget-s`` stops starting workers in time).
+"""The GPU benchmark (not a test): the suite at SD2-base shapes with random weights, fp16, within a time budget.
 
-Rows, each in its own process, cheapest first so that a short budget still yields the core comparison:
-eager fp32 (the parity reference), eager fp16 (the speed reference), fused stages (torch), fused stages +
-CUDA graph, torch.compile, torch.compile + CUDA graph; onnxruntime and TensorRT rows say why they are
-skipped (the GPU image has neither onnxruntime-gpu nor TensorRT). Parity is PSNR (and latent max relative
-error) against the fp32 eager run. The eager fp16 process also measures the fp16 matmul peak, every stage
-once per call, and the cost-of-fusion / official-vs-minimal comparisons at 20 steps; the CUDA-graph
-process runs a batch / steps / resolution sweep at 20 steps.
-
-On a GPU machine that lacks some of the project's pure-Python dependencies (diffusers; matplotlib is
-optional, without it the plots are drawn afterwards with ``python -m profusion_rt.benchmarks.report <folder>``), download
-their wheels elsewhere into ``.whl`` and install them there first (``benchmarks/README.md``, "The GPU run")::
-
-    python -m profusion_rt.benchmarks.gpu_suite --out $OUT/gpu --budget-s 420
-
-and commit ``results.json`` / ``results.md`` from ``$OUT/gpu`` under ``benchmarks/results/<gpu-tag>/``.
-Without CUDA the script prints a message and exits 0; ``--device cpu --model tiny`` dry-runs it here.
+Rows, each in its own process, cheapest first so that a short ``--budget-s`` still yields the core
+comparison: eager fp32 (the parity reference), eager fp16 (the speed reference), fused stages (torch), fused
+stages + CUDA graph, torch.compile, torch.compile + CUDA graph; onnxruntime and TensorRT rows say why they
+are skipped when their libraries are missing. Parity is PSNR (and latent max relative error) against the fp32
+eager run. ``python -m profusion_rt.benchmarks.gpu_suite --out DIR --budget-s 420``; without CUDA it prints a
+message and exits 0 (``--device cpu --model tiny`` dry-runs it). Setting up a GPU machine for it:
+benchmarks/README.md, "The GPU run".
 """
 
 from __future__ import annotations
