@@ -12,6 +12,9 @@ or on the meta device for FLOP counting) lives in :mod:`profusion_rt.models.fact
   the v-prediction path of every backend.
 * ``sd2-768``: SD2's 96x96-latent shapes with upcast attention and v-prediction, like the real
   stabilityai/stable-diffusion-2 checkpoint, for benchmarking only.
+* ``toy-faces``: SD2's structure at 32x32 pixels with TRAINED weights shipped in the package
+  (``profusion_rt/data/toy-faces/``), learned from scikit-image's LFW faces by
+  ``benchmarks/toy/train_toy_faces.py`` (docs/toy-faces.md): the one preset whose images are learned.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Preset:
     #: ``from_preset`` draws the weights from a seed (every preset today): commands announce it
     #: (:func:`announce_random_weights`), ``/healthz`` and image metadata say so (:func:`weights_label`).
     random_weights: bool = True
+    #: Trained weights shipped in the package (a safetensors file under ``profusion_rt/data/``, keys
+    #: ``<component>.<tensor>``): ``build_components`` loads them instead of drawing random ones.
+    shipped_weights: str | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -104,8 +110,8 @@ def _vae(channels, layers, sample_size) -> dict[str, Any]:
     return {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": _VAE_DOWN,
-        "up_block_types": _VAE_UP,
+        "down_block_types": _VAE_DOWN[: len(channels)],
+        "up_block_types": _VAE_UP[: len(channels)],
         "block_out_channels": tuple(channels),
         "layers_per_block": layers,
         "latent_channels": 4,
@@ -196,7 +202,31 @@ def _sd2(resolution: int, upcast: bool) -> Preset:
     )
 
 
-_PRESETS = {"tiny": _tiny, "tiny-v": lambda: _tiny("tiny-v", SD2_V_SCHEDULER), "sd2-base": lambda: _sd2(512, False), "sd2-768": lambda: _sd2(768, True)}
+#: The toy-faces preset's shipped weights (benchmarks/toy/train_toy_faces.py writes them; docs/toy-faces.md).
+TOY_FACES_WEIGHTS = "data/toy-faces/toy-faces.safetensors"
+
+
+def _toy_faces() -> Preset:
+    """SD2's structure at 32x32 pixels, trained on scikit-image's LFW faces (docs/toy-faces.md): a VAE with
+    three levels (8x8x4 latents), a four-level cross-attention UNet, 32-wide CLIP-style text and image towers
+    (frozen at their seeded random init), PromptNet from the UNet's encoder half (one S* token)."""
+    unet = _unet((32, 32, 64, 64), (2, 2, 4, 4), 1, 32, 8)
+    return Preset(
+        name="toy-faces",
+        resolution=32,
+        unet=unet,
+        vae=_vae((32, 32, 64), 1, 32),
+        text_encoder=_text(32, 2, 2, 64),
+        image_encoder=_vision(32, 2, 2, 64, 32, 8),
+        # latent 8x8: the head maps are 1x1 (kernels 8,4,2,1,1,1), the output conv has kernel 1 -> one token.
+        promptnet=_promptnet(unet, 32, 8, 1, 32),
+        random_weights=False,
+        shipped_weights=TOY_FACES_WEIGHTS,
+    )
+
+
+_PRESETS = {"tiny": _tiny, "tiny-v": lambda: _tiny("tiny-v", SD2_V_SCHEDULER), "sd2-base": lambda: _sd2(512, False), "sd2-768": lambda: _sd2(768, True),
+            "toy-faces": _toy_faces}
 
 
 def preset_names() -> list[str]:

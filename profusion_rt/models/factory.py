@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from profusion_rt.core.errors import ModelLoadError
 from profusion_rt.core.presets import Preset
 
 logger = logging.getLogger(__name__)
@@ -100,11 +102,38 @@ def _break_constant_parameters(nets: dict[str, nn.Module], seed: int) -> None:
                     param.add_(noise.to(param.device, param.dtype))
 
 
+def shipped_weights_path(preset: Preset) -> Path:
+    """The file of ``preset``'s shipped weights inside the installed package."""
+    return Path(__file__).resolve().parents[1] / str(preset.shipped_weights)
+
+
+def load_shipped_weights(nets: dict[str, nn.Module], preset: Preset) -> None:
+    """Load the preset's shipped safetensors (keys ``<component>.<tensor>``, any float dtype) into ``nets``;
+    :class:`ModelLoadError` when the file is missing or does not match the preset's shapes."""
+    from safetensors.torch import load_file
+
+    path = shipped_weights_path(preset)
+    if not path.is_file():
+        raise ModelLoadError(f"the weights of preset {preset.name!r} are missing from the package ({path}); "
+                             "reinstall profusion-rt")
+    tensors = load_file(str(path))
+    for name, net in nets.items():
+        prefix = f"{name}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            net.load_state_dict(own, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelLoadError(f"{path}: {name} does not match preset {preset.name!r} ({first})") from None
+    logger.debug("loaded the shipped weights of preset %s from %s", preset.name, path)
+
+
 def build_components(preset: Preset, seed: int = 0, device: str | torch.device = "cpu") -> Components:
     """All components of ``preset`` with random weights drawn from ``seed`` (the global RNG state is left
     untouched). ``device="meta"`` builds shapes only, for parameter and FLOP counting. On CUDA the networks
     are initialised directly on the device (fast for the SD2 shapes; the values differ from a CPU build of
-    the same seed, as the device's random generator differs)."""
+    the same seed, as the device's random generator differs). A preset with ``shipped_weights``
+    (``toy-faces``) gets its trained weights from the package instead."""
     from profusion_rt.models.tokenizer import load_default_tokenizer
 
     dev = torch.device(device)
@@ -121,6 +150,8 @@ def build_components(preset: Preset, seed: int = 0, device: str | torch.device =
         }
     if dev.type != "meta":
         _break_constant_parameters(nets, seed)
+        if preset.shipped_weights:
+            load_shipped_weights(nets, preset)
     for net in nets.values():
         net.eval().requires_grad_(False)
         if not on_device:

@@ -116,7 +116,8 @@ class ProFusionPipeline(RequestPreparation):
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> "ProFusionPipeline":
         """Random weights for preset ``name`` ("tiny", "sd2-base", "sd2-768") drawn from ``seed`` (on CUDA,
-        initialised on the device: see :func:`~profusion_rt.models.factory.build_components`)."""
+        initialised on the device: see :func:`~profusion_rt.models.factory.build_components`); "toy-faces"
+        loads its trained weights shipped in the package (``seed`` is not used)."""
         preset = get_preset(name)
         pipe = cls.from_components(build_components(preset, seed=seed, device=device),
                                    resolution=preset.resolution, preset=name)
