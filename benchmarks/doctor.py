@@ -1,31 +1,11 @@
-"""``profusion-rt doctor``: one command that checks a new machine (a GPU when one is there) end to end.
+"""``profusion-rt doctor``: the ladder of checks that tests a new machine (a GPU when one is there) end to end.
 
-It prints the versions that matter (torch, CUDA, cuDNN, onnxruntime and its providers, TensorRT,
-polygraphy, the CPU and whether it computes bf16 natively), then climbs a ladder of checks, each against
-the eager reference pipeline on the same seeds, and stops at the first that fails, saying why:
-
-1. ``tiny-fp32``: the tiny preset in float32 on the device: eager vs the fused torch runtime vs the same
-   runtime replayed as a CUDA graph (CUDA only), on two seeds and two step counts, so a runtime or a graph
-   replay that ignores new inputs fails;
-2. ``torch-compile``: the same with the stages under ``torch.compile`` (and a CUDA graph on CUDA); after
-   the first request nothing may recompile (``torch._dynamo`` frame counters);
-3. ``sd2-base-fp16``: SD2-base shapes (random weights) in float16 at 10 steps, eager and the CUDA-graph
-   runtime: latents and image finite, the runtime close to eager (GPU only);
-4. ``onnxruntime``: the tiny stages exported to ONNX in a temporary folder and run by the onnxruntime
-   backend (its CUDA provider on a GPU, its CPU provider with ``--device cpu``);
-5. ``tensorrt``: TensorRT fp16 plans of the tiny stages (when TensorRT is installed; engine I/O dtypes
-   printed), finite and close to eager;
-6. ``customize``: a 5-step customization of a copy of the tiny model (PromptNet and attention q/k/v),
-   finite losses and updated weights.
-
-Then one timing table (per-step milliseconds and end to end, vs eager, on the named device) of every
-backend that passed, as Markdown and JSON (``--out``). ``--budget-s`` keeps the whole run inside a time
-limit: a check that would not fit (its estimate, scaled by how slow this machine ran the first eager
-calls) is reported as skipped (budget), and one that runs past the end of the budget is stopped and
-reported the same way, never dropped silently (the checks run in ladder order: an earlier check may use
-the time a later one would have had). Exit status: 0 when every executed check passed, 1 when one failed,
-2 on bad input. Everything runs in this process, so the timings are indicative (``profusion-rt bench``
-measures each backend in its own process).
+Each check compares a path with the eager reference pipeline on the same seeds, and the ladder stops at the
+first that fails, saying why: ``tiny-fp32`` (eager vs fused runtime vs CUDA-graph replay), ``torch-compile``
+(no recompilation), ``sd2-base-fp16`` (GPU only), ``onnxruntime``, ``tensorrt``, ``customize``. ``--budget-s``
+keeps the run inside a time limit (a check that would not fit is reported as skipped, never dropped). The
+environment summary and the timing table are in :mod:`.doctor_report`, the command line in
+:mod:`.doctor_cli`. What each check does, the budget rules and the exit status: docs/doctor.md.
 """
 
 from __future__ import annotations
