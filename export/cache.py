@@ -38,7 +38,8 @@ from profusion_rt.export.onnx_export import (
     resolve_exporter,
 )
 from profusion_rt.export.optimize import optimize_onnx
-from profusion_rt.export.ort_fusion import PASS_VERSION, write_ort_model
+from profusion_rt.export import ort_fusion
+from profusion_rt.export.ort_fusion import write_ort_model
 from profusion_rt.export.validate import ValidationError, validate_onnx_files
 from tqdm.auto import tqdm
 
@@ -280,7 +281,7 @@ class ArtifactBuilder:
         if spec.name in ORT_FUSION_GRAPHS:
 
             ort_key = stage_key(inputs=opt_sha, onnx=self.versions["onnx"], onnxruntime=self.versions["onnxruntime"],
-                                ort_pass=PASS_VERSION)
+                                ort_pass=ort_fusion.PASS_VERSION)  # read at call time
             if not o.force and ok("ort_fusion") and stages["ort_fusion"]["key"] == ort_key:
                 report.stages["ort_fusion"] = "cached"
             else:
