@@ -291,7 +291,7 @@ class ArtifactBuilder:
                 info = write_ort_model(folder / OPT_ONNX_FILE, folder / ORT_ONNX_FILE)
                 self._record(manifest, folder, "ort_fusion", info.files, key=ort_key, seconds=info.seconds,
                              fused=info.result.fused, unmatched_softmax=info.result.unmatched_softmax,
-                             reasons=info.result.reasons, pass_version=PASS_VERSION, uses=info.shared_data)
+                             reasons=info.result.reasons, pass_version=ort_fusion.PASS_VERSION, uses=info.shared_data)
                 status.update({f: "ok" for f in info.files})
                 report.stages["ort_fusion"], report.seconds["ort_fusion"] = "built", info.seconds
             rec = stages["ort_fusion"]
