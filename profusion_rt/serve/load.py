@@ -1,7 +1,7 @@
 """Load check of the HTTP server: latency percentiles and throughput at several client concurrencies.
 
-    python -m profusion_rt.serve_load --concurrency 1,4,16 --steps 10            # starts a tiny server here
-    python -m profusion_rt.serve_load --url http://127.0.0.1:8000 --concurrency 1,4,16
+    python -m profusion_rt.serve.load --concurrency 1,4,16 --steps 10            # starts a tiny server here
+    python -m profusion_rt.serve.load --url http://127.0.0.1:8000 --concurrency 1,4,16
 
 Each client sends its requests one after the other (a new one as soon as the last is answered), each with
 its own seed, the same reference image and sampling parameters (so the server can batch them). Per level:
@@ -22,6 +22,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+
+import torch
+
+from profusion_rt.core.presets import announce_random_weights
+from profusion_rt.core.samples import demo_reference_image
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import create_runtime
+from profusion_rt.serve.config import ServeConfig
 
 
 @dataclass
@@ -47,8 +55,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def reference_image_png() -> bytes:
-    from profusion_rt.core.samples import demo_reference_image
-
     buf = io.BytesIO()
     demo_reference_image().save(buf, format="PNG")
     return buf.getvalue()
@@ -100,7 +106,7 @@ def table(results: list[LevelResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m profusion_rt.serve_load", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m profusion_rt.serve.load", description=__doc__.splitlines()[0])
     p.add_argument("--url", default=None, help="server to load; default: start one here (see --model, --backend)")
     p.add_argument("--model", default="tiny")
     p.add_argument("--backend", default="torch")
@@ -125,18 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         import tempfile
 
-        import torch
-
-        from profusion_rt.pipeline import ProFusionPipeline
-        from profusion_rt.runtime import create_runtime
-        from profusion_rt.serve import BackgroundServer, ServeConfig, create_app
+        # deferred: the app and uvicorn pull in fastapi and uvicorn (the serve extra)
+        from profusion_rt.serve.app import create_app
+        from profusion_rt.serve.server import BackgroundServer  # deferred: uvicorn
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         pipe = ProFusionPipeline.load(args.model)
         pipe.progress_bar = False
-        from profusion_rt.core.presets import announce_random_weights
-
         announce_random_weights(pipe)
         runtime = create_runtime(pipe, args.backend, artifacts=args.artifacts)
         config = ServeConfig(data_dir=tempfile.mkdtemp(prefix="serve-load-"), max_queue=max(levels) * 2,
