@@ -1,8 +1,9 @@
 """Spawn one worker process per backend and collect its results (used by the demo and the bench suite).
 
 ``run_in_subprocess(job)`` runs a job straight through in a fresh interpreter. :class:`WorkerSession`
-keeps a worker alive and drives it command by command (``benchmarks.worker --serve``), so the suite can
-interleave the timed runs of several backends, each in its own process and only one active at a time.
+keeps a worker alive and drives it command by command (``benchmarks.worker --serve``). :class:`WorkerPool`
+is the one interleaved driver over such sessions (the suite and :func:`run_interleaved`, the demo's
+schedule): the timed runs of several backends interleave, each in its own process, only one active at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,3 +180,117 @@ class WorkerSession:
         self.close()
 
 
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    """``names`` started at position ``i`` (mod its length): round ``i`` of an interleaved schedule."""
+    k = i % max(len(names), 1)
+    return names[k:] + names[:k]
+
+
+class WorkerPool:
+    """The one interleaved-worker driver (the demo and the bench suite): one live :class:`WorkerSession`
+    per job, only one of them active at a time. A worker that fails is killed and reported once through
+    ``on_fail(name, error)``; the others go on. ``timeout``: seconds per command, a number or a function
+    called before each command (e.g. what is left of a time budget). Use as a context manager, or
+    :meth:`close`, so that no worker outlives the driver."""
+
+    def __init__(self, on_fail: Callable[[str, WorkerError], None], timeout: float | Callable[[], float] = 600.0):
+        self.live: dict[str, WorkerSession] = {}
+        self._on_fail = on_fail
+        self._timeout = timeout
+
+    def timeout(self) -> float:
+        return self._timeout() if callable(self._timeout) else self._timeout
+
+    def fail(self, name: str, exc: WorkerError) -> None:
+        """Report worker ``name``'s failure through ``on_fail`` and drop it."""
+        session = self.live.pop(name, None)
+        self._on_fail(name, exc)
+        if session is not None:
+            session.kill()
+            session.close()
+
+    def discard(self, name: str) -> None:
+        """Kill worker ``name`` (if live) without reporting it (the caller says why)."""
+        session = self.live.pop(name, None)
+        if session is not None:
+            session.kill()
+            session.close()
+
+    def start(self, name: str, job: dict[str, Any], timeout: float | None = None) -> WorkerSession | None:
+        """Start ``job``'s worker (it loads its model); ``None`` if it failed to start."""
+        try:
+            self.live[name] = WorkerSession(job, timeout=self.timeout() if timeout is None else timeout)
+        except WorkerError as exc:
+            self.fail(name, exc)
+            return None
+        return self.live[name]
+
+    def request(self, name: str, cmd: dict[str, Any], timeout: float | None = None) -> bool:
+        """Send ``cmd`` to worker ``name``; False (and the worker dropped) if it failed."""
+        try:
+            self.live[name].request(cmd, timeout=self.timeout() if timeout is None else timeout)
+            return True
+        except WorkerError as exc:
+            self.fail(name, exc)
+            return False
+
+    def rounds(self, count: int, cmd: dict[str, Any], repeats: Mapping[str, int] | None = None,
+               before_round: Callable[[int], bool] | None = None, timeout: float | None = None) -> int:
+        """``count`` rounds of one ``cmd`` per live worker, the order rotating by one each round, so that a
+        drift in machine load hits every worker alike. A worker takes part in round ``i`` only while
+        ``i < repeats[name]`` (when given); ``before_round(i)`` returning False stops early. Returns the
+        rounds run."""
+        for i in range(count):
+            if before_round is not None and not before_round(i):
+                return i
+            for name in rotated(list(self.live), i):
+                if name in self.live and (repeats is None or i < repeats[name]):
+                    self.request(name, cmd, timeout)
+        return count
+
+    def finish(self, name: str, timeout: float | None = None) -> BackendResult | None:
+        """Collect worker ``name``'s result (it exits); ``None`` if that failed."""
+        try:
+            return self.live.pop(name).finish(**({} if timeout is None else {"timeout": timeout}))
+        except WorkerError as exc:
+            self.fail(name, exc)
+            return None
+
+    def close(self) -> None:
+        """Kill every worker still alive."""
+        for session in self.live.values():
+            session.kill()
+            session.close()
+        self.live.clear()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_interleaved(jobs: dict[str, dict], repeats: int, log=print) -> dict[str, dict]:
+    """Every job in its own live worker process (``--serve``), only one active at a time: each one's first
+    (warm-up) call, then ``repeats`` rounds of one timed call per job in a rotating order (the demo's
+    schedule). Returns name -> row (``ok``, the worker's result, ``_latents``/``_images``; or ``reason``)."""
+    results: dict[str, dict] = {}
+
+    def failed(name: str, exc: WorkerError) -> None:
+        results[name] = {"name": name, "ok": False, "reason": str(exc)}
+        log(f"      {name}: FAILED ({exc})")
+
+    with WorkerPool(failed, timeout=1800) as pool:
+        for name, job in jobs.items():
+            if pool.start(name, job, timeout=600.0) is not None:
+                pool.request(name, {"cmd": "call", "kind": "first"})
+        pool.rounds(max(repeats, 1), {"cmd": "call", "kind": "timed"})
+        for name in list(pool.live):
+            res = pool.finish(name, timeout=600.0)
+            if res is None:
+                continue
+            results[name] = {"name": name, "ok": True, **res.result, "_latents": res.latents, "_images": res.images}
+            log(f"      {name}: median {res.result['median_s']:.2f} s (first call {res.result['first_call_s']:.2f} s)")
+    return results

@@ -318,7 +318,7 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
     from profusion_rt.runtime.parity import compare
 
     from profusion_rt.benchmarks.report import write_all
-    from profusion_rt.benchmarks.runner import WorkerError, WorkerSession
+    from profusion_rt.benchmarks.runner import WorkerPool
 
     t_start = time.perf_counter()
     out = Path(cfg.out or ROOT / "benchmarks" / "results" / machine_tag(cfg.device))
@@ -369,7 +369,6 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
     if cfg.reference_dtype and cfg.reference_dtype != cfg.dtype:
         reference_name = f"eager-{cfg.reference_dtype}"
         order.insert(0, reference_name)
-    live: dict[str, WorkerSession] = {}
     jobs: dict[str, dict[str, Any]] = {}
 
     def left() -> float | None:
@@ -383,15 +382,21 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
         remaining = left()
         return cfg.worker_timeout_s if remaining is None else max(min(cfg.worker_timeout_s, remaining), 1.0)
 
-    def drop(name: str, reason: str) -> None:
+    def mark(name: str, reason: str) -> None:
         rows[name].update(ok=False, reason=reason)
         log(f"  {name}: {reason}")
-        session = live.pop(name, None)
-        if session is not None:
-            session.kill()
-            session.close()
 
-    try:
+    def drop(name: str, reason: str) -> None:
+        mark(name, reason)
+        pool.discard(name)
+
+    def keep_going(i: int) -> bool:
+        if i >= 1 and not budget_ok(10):
+            log(f"  time budget: stopped after {i} timed round(s)")
+            return False
+        return True
+
+    with WorkerPool(lambda name, exc: mark(name, f"failed: {exc}"), timeout=timeout) as pool:
         for name in order:
             is_ref = name == reference_name and name != "eager"
             reason = "" if is_ref else reasons[name]
@@ -414,61 +419,45 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
             else:
                 job = make_job(cfg, name, runs_dir)
             jobs[name] = job
-            try:
-                live[name] = WorkerSession(job, timeout=timeout())
-                log(f"  {name}: loaded in {live[name].ready['load_s']:.1f} s")
-            except WorkerError as exc:
-                drop(name, f"failed: {exc}")
+            if pool.start(name, job) is not None:
+                log(f"  {name}: loaded in {pool.live[name].ready['load_s']:.1f} s")
 
-        if "eager" in live and "peak" in jobs["eager"]["tasks"]:
-            _request(live, "eager", {"cmd": "task", "task": "peak"}, timeout(), drop)
-        for name in list(live):
+        if "eager" in pool.live and "peak" in jobs["eager"]["tasks"]:
+            pool.request("eager", {"cmd": "task", "task": "peak"})
+        for name in list(pool.live):
             if not budget_ok(30):
                 drop(name, "time budget exhausted")
                 continue
             t = time.perf_counter()
-            if _request(live, name, {"cmd": "call", "kind": "first"}, timeout(), drop):
+            if pool.request(name, {"cmd": "call", "kind": "first"}):
                 log(f"  {name}: first call {time.perf_counter() - t:.2f} s")
         for _ in range(max(cfg.warmup, 0)):
-            for name in list(live):
-                _request(live, name, {"cmd": "call", "kind": "warmup"}, timeout(), drop)
-        rounds = max((jobs[n]["repeats"] for n in live), default=0)
-        for i in range(rounds):
-            if i >= 1 and not budget_ok(10):
-                log(f"  time budget: stopped after {i} timed round(s)")
-                break
-            names = list(live)
-            names = names[i % len(names):] + names[:i % len(names)] if names else names
-            for name in names:
-                if i < jobs[name]["repeats"]:
-                    _request(live, name, {"cmd": "call", "kind": "timed"}, timeout(), drop)
-        for name in list(live):
+            for name in list(pool.live):
+                pool.request(name, {"cmd": "call", "kind": "warmup"})
+        rounds = max((jobs[n]["repeats"] for n in pool.live), default=0)
+        pool.rounds(rounds, {"cmd": "call", "kind": "timed"}, repeats={n: jobs[n]["repeats"] for n in pool.live},
+                    before_round=keep_going)
+        for name in list(pool.live):
             for task in jobs[name]["tasks"]:
-                if task in ("e2e", "peak") or name not in live:
+                if task in ("e2e", "peak") or name not in pool.live:
                     continue
                 if not budget_ok(30):
                     log(f"  {name}: {task} skipped (time budget exhausted)")
                     continue
                 t = time.perf_counter()
-                if _request(live, name, {"cmd": "task", "task": task}, timeout(), drop):
+                if pool.request(name, {"cmd": "task", "task": task}):
                     log(f"  {name}: {task} in {time.perf_counter() - t:.0f} s")
-        if "eager" in live and "peak" in jobs["eager"]["tasks"]:
-            _request(live, "eager", {"cmd": "task", "task": "peak"}, timeout(), drop)  # best of two
-        for name in list(live):
-            try:
-                res = live.pop(name).finish(timeout=max(timeout(), 60.0))
-            except WorkerError as exc:
-                drop(name, f"failed: {exc}")
+        if "eager" in pool.live and "peak" in jobs["eager"]["tasks"]:
+            pool.request("eager", {"cmd": "task", "task": "peak"})  # best of two
+        for name in list(pool.live):
+            res = pool.finish(name, timeout=max(timeout(), 60.0))
+            if res is None:
                 continue
             rows[name].update(ok=True, reason="", **res.result)
             outputs[name] = (res.latents, res.images)
             if res.result.get("median_s") is not None:
                 log(f"  {name}: median {res.result['median_s']:.3f} s/request over {len(res.result['runs'])} runs")
             _write_progress(out, results, rows)
-    finally:
-        for session in live.values():
-            session.kill()
-            session.close()
 
     display = [n for n in ([reference_name] if reference_name != "eager" else []) + list(BACKEND_ORDER) if n in rows]
     rows = {n: rows[n] for n in display}
@@ -481,18 +470,6 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
     log(f"done in {results['elapsed_s']:.0f} s; load average {results['load_average']['end']}; wrote "
         + ", ".join(p.name for p in paths))
     return results
-
-
-def _request(live: dict, name: str, cmd: dict, timeout: float, drop) -> bool:
-    """Send ``cmd`` to worker ``name``; on failure the row is dropped with the reason."""
-    from profusion_rt.benchmarks.runner import WorkerError
-
-    try:
-        live[name].request(cmd, timeout=timeout)
-        return True
-    except WorkerError as exc:
-        drop(name, f"failed: {exc}")
-        return False
 
 
 def _write_progress(out: Path, results: dict, rows: dict) -> None:

@@ -20,6 +20,7 @@ import platform
 import time
 from pathlib import Path
 
+from profusion_rt.benchmarks.runner import run_interleaved
 from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
 
 logger = logging.getLogger(__name__)
@@ -55,52 +56,6 @@ def format_table(rows: list[dict]) -> str:
             f"{p.get('latent_max_rel', 0):.2e} | {100 * p.get('pixel_match', 1):.2f}% | "
             f"{'inf' if psnr is None or psnr == float('inf') else f'{psnr:.1f}'} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
-
-
-def run_interleaved(jobs: dict[str, dict], repeats: int, log=print) -> dict[str, dict]:
-    """Every job in its own live worker process (``benchmarks.worker --serve``), only one active at a time:
-    each one's first (warm-up) call, then ``repeats`` rounds of one timed call per backend in a rotating
-    order, so a change in machine load during the demo hits every backend alike. Returns name -> row."""
-    from profusion_rt.benchmarks.runner import WorkerError, WorkerSession
-
-    results: dict[str, dict] = {}
-    live: dict[str, WorkerSession] = {}
-
-    def fail(name: str, exc: Exception) -> None:
-        results[name] = {"name": name, "ok": False, "reason": str(exc)}
-        log(f"      {name}: FAILED ({exc})")
-        session = live.pop(name, None)
-        if session is not None:
-            session.kill()
-            session.close()
-
-    try:
-        for name, job in jobs.items():
-            try:
-                live[name] = WorkerSession(job)
-                live[name].request({"cmd": "call", "kind": "first"}, timeout=1800)
-            except WorkerError as exc:
-                fail(name, exc)
-        for i in range(max(repeats, 1)):
-            names = list(live)
-            for name in names[i % max(len(names), 1):] + names[:i % max(len(names), 1)]:
-                try:
-                    live[name].request({"cmd": "call", "kind": "timed"}, timeout=1800)
-                except WorkerError as exc:
-                    fail(name, exc)
-        for name in list(live):
-            try:
-                res = live.pop(name).finish()
-            except WorkerError as exc:
-                fail(name, exc)
-                continue
-            results[name] = {"name": name, "ok": True, **res.result, "_latents": res.latents, "_images": res.images}
-            log(f"      {name}: median {res.result['median_s']:.2f} s (first call {res.result['first_call_s']:.2f} s)")
-    finally:
-        for session in live.values():
-            session.kill()
-            session.close()
-    return results
 
 
 def run_demo(args: argparse.Namespace) -> int:

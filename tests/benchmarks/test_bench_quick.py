@@ -125,7 +125,7 @@ def test_demo_interleaves_timed_runs_across_live_workers(tmp_path):
     that fails is reported with its reason and the others still finish."""
     import numpy as np
 
-    from profusion_rt.demo import run_interleaved
+    from profusion_rt.benchmarks.runner import run_interleaved
 
     base = {"model": "tiny", "artifacts": None, "warmup": 0, "repeats": 2, "out": str(tmp_path), "threads": 1,
             "request": {"prompt": "a {S*}", "num_inference_steps": 2, "seed": 0, "fusion_steps": 1}}
