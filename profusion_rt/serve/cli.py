@@ -13,12 +13,13 @@ import logging
 import torch
 
 from profusion_rt.core.cliargs import ARTIFACT_BACKENDS, add_model_args, settle_precision
-from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
 from profusion_rt.core.presets import announce_random_weights
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.runtime import create_runtime
 from profusion_rt.serve.auth import load_api_keys
 from profusion_rt.serve.config import add_config_args, config_from_args
+from profusion_rt.serve.ray.options import add_ray_args, run_ray
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
@@ -36,6 +37,9 @@ def register(subparsers) -> None:
     add_config_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process serves (default); ray: Ray Serve replicas on a cluster (the ray extra)")
+    add_ray_args(p)
     p.set_defaults(handler=cmd_serve)
 
 
@@ -48,13 +52,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # checks every limit before the model is loaded
     if config.api_keys_file is not None:
         load_api_keys(config.api_keys_file)  # a missing or empty keys file: one line, before the model loads
+    if args.engine == "ray":
+        return run_ray(args, config)
+    if args.print_config:
+        raise InvalidParameterError("--print-config prints the Ray Serve config: use it with --engine ray")
     level = logging.DEBUG if getattr(args, "verbose", False) else getattr(logging, args.log_level.upper())
     logging.getLogger("profusion_rt").setLevel(level)
 
-    import uvicorn
+    try:
+        import uvicorn
 
-    # deferred: pulls in fastapi (the serve extra); `profusion-rt --help` works without it
-    from profusion_rt.serve.app import create_app
+        # deferred: pulls in fastapi and prometheus-client (the serve extra); `profusion-rt --help` works without it
+        from profusion_rt.serve.app import create_app
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailableError(f"profusion-rt serve needs the serve extra ({exc.name} is missing): "
+                                      "pip install 'profusion-rt[serve]'") from None
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
