@@ -16,8 +16,8 @@
   for another GPU or TensorRT version.
 
 TensorRT cannot be installed on the project's CPU machines: every function that needs the library calls
-:func:`require_tensorrt` first, which raises :class:`~profusion_rt.core.errors.BackendUnavailableError` with
-a clear message. Profile derivation, configuration assembly and cache keys need no TensorRT and are
+:func:`~profusion_rt.runtime.trt_engine.require_tensorrt` first (the runtime's gate), which raises
+:class:`~profusion_rt.core.errors.BackendUnavailableError` with a clear message. Profile derivation, configuration assembly and cache keys need no TensorRT and are
 unit-tested; building, loading and running plans have not been executed anywhere yet.
 """
 
@@ -33,12 +33,11 @@ from profusion_rt.artifacts.specs import GraphSpec
 from profusion_rt.artifacts.store import ArtifactEntry, file_digest, gpu_slug, plan_filename, stage_key
 from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
 from profusion_rt.core.fsio import atomic_write_bytes
+from profusion_rt.runtime.trt_engine import require_tensorrt
 
 logger = logging.getLogger(__name__)
 
 TRT_PRECISIONS = ("fp32", "fp16", "bf16")
-INSTALL_HINT = ("TensorRT is not installed: the tensorrt backend needs an NVIDIA GPU with its driver and "
-                "`pip install tensorrt`; `--backend onnx` works without it")
 
 
 @dataclass(frozen=True)
@@ -49,23 +48,6 @@ class GpuInfo:
     @property
     def slug(self) -> str:
         return gpu_slug(self.name, self.compute_capability)
-
-
-def tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require_tensorrt():
-    """The ``tensorrt`` module, or :class:`BackendUnavailableError` saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise BackendUnavailableError(INSTALL_HINT) from None
-    return tensorrt
 
 
 def trt_version() -> str:

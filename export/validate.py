@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from profusion_rt.artifacts.specs import GraphSpec, precision_dtype, torch_dtype
-from profusion_rt.core.errors import BackendUnavailableError, ProFusionError
+from profusion_rt.core.errors import ProFusionError
+from profusion_rt.runtime.ort_engine import create_session, import_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +65,12 @@ def fresh_seed() -> int:
 
 def ort_session(path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                 low_memory: bool = False):
-    """An onnxruntime session with intra-op spinning off (two sessions on two cores otherwise fight).
-    ``low_memory``: no pre-packed copies of the weights (validation of multi-GB graphs next to the torch
-    model; slower kernels do not matter there)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install 'profusion-rt[onnx]'") from None
+    """A validation session (:func:`profusion_rt.runtime.ort_engine.create_session`): intra-op spinning off
+    (two sessions on two cores otherwise fight). ``low_memory``: no pre-packed copies of the weights
+    (validation of multi-GB graphs next to the torch model; slower kernels do not matter there)."""
+    ort = import_onnxruntime()
     ort.set_default_logger_severity(3)
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    if low_memory:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        so.enable_cpu_mem_arena = False
-    sess = ort.InferenceSession(str(path), so, providers=list(providers))
-    missing = [p for p in providers if p not in sess.get_providers()]
-    if missing:  # onnxruntime falls back to CPU silently
-        raise BackendUnavailableError(f"onnxruntime providers {missing} are not available here "
-                                      f"(got {sess.get_providers()})")
-    return sess
+    return create_session(path, providers, threads=threads or None, spinning=False, low_memory=low_memory)
 
 
 def compare(spec: GraphSpec, precision: str, backend: str, batch: int, seed: int, name: str,

@@ -63,6 +63,52 @@ def provider_name(provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
 
+def create_session(path: str | os.PathLike, providers: Sequence = ("CPUExecutionProvider",), *,
+                   threads: int | None = None, spinning: bool = False, low_memory: bool = False,
+                   initializers: Mapping[str, object] | None = None):
+    """The one onnxruntime session factory (the runtime's engines, export's validation).
+
+    ``threads``: intra-op threads (``None``/0: onnxruntime's default). ``spinning``: worker threads spin
+    while a run is in flight and stop when it returns (for sessions that alternate on the same cores);
+    off, they never spin (two sessions on two cores otherwise fight). ``low_memory``: no pre-packed copies
+    of the weights and no memory arena (validation of multi-GB graphs next to the torch model).
+    ``initializers``: graph initializers overridden by name (weight hot-swap). onnxruntime logs errors
+    only. A requested provider that onnxruntime silently replaced by the CPU raises
+    :class:`BackendUnavailableError`."""
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if initializers:
+        # At ORT_ENABLE_ALL the CPU layout transformer (NCHWc) re-packs convolution weights from the
+        # file's values, ignoring overridden initializers (measured: a swapped conv weight had no
+        # effect); the extended level keeps overrides exact.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if low_memory:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
+    for name, value in (initializers or {}).items():
+        so.add_initializer(name, value)
+    providers = list(providers)
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    active = sess.get_providers()
+    missing = [provider_name(p) for p in providers if provider_name(p) not in active]
+    if missing:
+        raise BackendUnavailableError(
+            f"onnxruntime could not use {', '.join(missing)} for {Path(path).name} (active: {', '.join(active)})"
+            + ("; install onnxruntime-gpu in place of onnxruntime for CUDA" if "CUDAExecutionProvider" in missing
+               else "")
+        )
+    return sess
+
+
 class OrtEngine:
     """One onnxruntime session. Inputs and outputs are bound to torch tensors by pointer (IO binding), so
     a call copies nothing. A requested provider that silently fell back to CPU raises
@@ -100,40 +146,17 @@ class OrtEngine:
         """The dtype the graph declares for an input or output (the runtime's buffers take it)."""
         return self.dtypes.get(name)
 
-    def _session_options(self):
-        so = self.ort.SessionOptions()
-        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The runtime alternates two sessions. Their worker threads spin while a run is in flight (fast
-        # hand-off between small ops) and stop spinning when it returns, so an idle session's threads do
-        # not steal the cores from the other one. Measured on the 2-core CPU machine, tiny, one fusion +
-        # one refinement call: 78 ms with this, 91 ms with spinning off, 110 ms with spinning left on.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        so.add_session_config_entry("session.force_spinning_stop", "1")
-        so.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
-        so.log_severity_level = 3
-        if self._overrides:
-            # At ORT_ENABLE_ALL the CPU layout transformer (NCHWc) re-packs convolution weights from the
-            # file's values, ignoring overridden initializers (measured: a swapped conv weight had no
-            # effect); the extended level keeps overrides exact.
-            so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        for name, value in self._overrides.items():
-            so.add_initializer(name, value)
-        return so
-
     def _create_session(self):
         providers = self._given_providers or providers_for(self.device)
         if self.device.type == "cuda":  # the CUDA provider computes on torch's stream of now
             self._stream = current_stream_handle(self.device)
         self.providers = providers
-        sess = self.ort.InferenceSession(str(self.path), sess_options=self._session_options(), providers=providers)
-        active = sess.get_providers()
-        wanted = provider_name(providers[0])
-        if wanted not in active:
-            raise BackendUnavailableError(
-                f"onnxruntime could not use {wanted} for {self.path.name} (active: {', '.join(active)});"
-                " install onnxruntime-gpu in place of onnxruntime for CUDA"
-            )
-        return sess
+        # The runtime alternates two sessions. Their worker threads spin while a run is in flight (fast
+        # hand-off between small ops) and stop spinning when it returns, so an idle session's threads do
+        # not steal the cores from the other one. Measured on the 2-core CPU machine, tiny, one fusion +
+        # one refinement call: 78 ms with this, 91 ms with spinning off, 110 ms with spinning left on.
+        return create_session(self.path, providers, threads=self.threads or (os.cpu_count() or 1), spinning=True,
+                              initializers=self._overrides)
 
     def _bind(self, binding, name: str, tensor: torch.Tensor, output: bool) -> None:
         if not tensor.is_contiguous():

@@ -39,12 +39,24 @@ _DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16
            "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
 
 
+def tensorrt_available() -> bool:
+    """Whether the ``tensorrt`` module can be imported here."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def require_tensorrt():
+    """The one TensorRT gate (the runtime and export): the ``tensorrt`` module, or
+    :class:`BackendUnavailableError` saying how to get it."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError(
-            "TensorRT is not installed (pip install 'profusion-rt[tensorrt]' on a machine with an NVIDIA GPU)"
+            "TensorRT is not installed (pip install 'profusion-rt[tensorrt]' on a machine with an NVIDIA GPU; "
+            "the onnxruntime backend works without it)"
         ) from exc
     return trt
 

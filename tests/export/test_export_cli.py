@@ -50,7 +50,7 @@ def test_export_command_user_errors(tmp_path, capsys, args, message):
 
 
 def test_export_command_without_tensorrt(tmp_path, capsys):
-    from profusion_rt.export.tensorrt import tensorrt_available
+    from profusion_rt.runtime.trt_engine import tensorrt_available
 
     if tensorrt_available():
         pytest.skip("TensorRT is installed here")

@@ -13,6 +13,7 @@ from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterEr
 pytest.importorskip("polygraphy")
 
 from profusion_rt.export import tensorrt as trt_export  # noqa: E402
+from profusion_rt.runtime.trt_engine import tensorrt_available  # noqa: E402
 
 DIMS = {"L": 77, "D": 64, "N": 1, "T": 17, "V": 64, "C": 4, "h": 32, "w": 32, "H": 256, "W": 256, "S": 4}
 H100 = trt_export.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
@@ -121,7 +122,7 @@ def test_plan_compatibility_check(tmp_path):
         entry.check_plan(name, "NVIDIA A100-SXM4-80GB", "10.9.0", (8, 0))
 
 
-@pytest.mark.skipif(trt_export.tensorrt_available(), reason="TensorRT is installed here")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_missing_tensorrt_is_a_clear_error(tiny_pipe, tmp_path):
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
         trt_export.require_tensorrt()
