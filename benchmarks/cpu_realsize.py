@@ -37,7 +37,7 @@ from profusion_rt.benchmarks.measure import (
     peak_rss_mb,
     versions,
 )
-from profusion_rt.benchmarks.models import torch_dtype
+from profusion_rt.core.dtypes import PRECISION_DTYPES
 from profusion_rt.benchmarks.runner import _worker_env, failure_reason
 from profusion_rt.export.cache import export_artifacts
 
@@ -87,7 +87,7 @@ def random_pipeline(model: str, precision: str, seed: int = 0):
 
     preset = get_preset(model)
     components = build_components(preset, device="meta")
-    dtype = torch_dtype(precision)
+    dtype = PRECISION_DTYPES[precision]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for net_name, net in components.networks().items():

@@ -14,6 +14,8 @@ import statistics
 import time
 from typing import Any, Callable
 
+from profusion_rt.core.dtypes import PRECISION_DTYPES
+
 
 def summarize(samples: list[float]) -> dict[str, Any]:
     """Median and spread of timing samples (seconds); the samples themselves are kept."""
@@ -81,7 +83,7 @@ def peak_matmul_flops(device="cpu", dtype: str = "fp32", size: int | None = None
     import torch
 
     dev = torch.device(device)
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dt = PRECISION_DTYPES[dtype]
     if size is None:
         size = 8192 if dev.type == "cuda" else 2048
     gen = torch.Generator(device=dev).manual_seed(0) if dev.type == "cuda" else torch.Generator().manual_seed(0)

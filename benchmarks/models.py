@@ -6,11 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+from profusion_rt.core.dtypes import PRECISION_DTYPES
 
 
 def preset_at_resolution(name: str, resolution: int | None = None):
@@ -60,7 +56,7 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
     preset = preset_at_resolution(model, resolution)
     components = factory.build_components(preset, seed=seed, device=dev)  # on CUDA: initialised there
     pipe = ProFusionPipeline.from_components(components, resolution=preset.resolution, preset=preset.name)
-    pipe.to(dev, torch_dtype(dtype))
+    pipe.to(dev, PRECISION_DTYPES[dtype])
     pipe.progress_bar = False
     return pipe
 

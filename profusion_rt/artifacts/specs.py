@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from profusion_rt.core.dtypes import torch_dtype  # a spec's dtype names are torch's (re-exported here)
 from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT
 
 __all__ = [
@@ -48,19 +49,6 @@ __all__ = [
 
 #: Artifact precisions. ``bf16`` exists for TensorRT only (built from the float32 ONNX with the BF16 flag).
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH_DTYPES[name]
-
 
 def precision_dtype(precision: str) -> str:
     """Dtype name of the model-dtype tensors of an artifact of ``precision`` ("fp16" -> "float16").

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import torch
 
+from profusion_rt.core import dtypes
 from profusion_rt.core.errors import NonFiniteError
-
-_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
 
 def precision_name(precision) -> str | None:
     """"fp16" for torch.float16 or "fp16"; None for None."""
     if precision is None:
         return None
     if isinstance(precision, torch.dtype):
-        return _NAMES.get(precision, str(precision).removeprefix("torch."))
+        return dtypes.precision_name(precision)
     return str(precision)
 
 

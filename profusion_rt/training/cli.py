@@ -17,11 +17,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from profusion_rt.core.dtypes import PRECISION_DTYPES
+
 #: Default pre-training length: the official 80,000 steps (at batch 8 per GPU); = trainer.OFFICIAL_PRETRAIN_STEPS
 #: (kept here as a literal so that the CLI parser stays cheap to import).
 OFFICIAL_PRETRAIN_STEPS = 80_000
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DELTA_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: command-line option -> TrainConfig field
 _CONFIG_ARGS = {"batch_size": "batch_size", "lr": "learning_rate", "weight_decay": "weight_decay",
                 "max_grad_norm": "max_grad_norm", "clip_scope": "clip_scope", "precision": "precision",
@@ -88,7 +89,7 @@ def register(subparsers) -> None:
                    help="negative prompt of the inpainting model (default: the notebook's)")
     p.add_argument("--inpaint-steps", type=int, default=50, help="inpainting steps (default 50)")
     p.add_argument("--inpaint-guidance", type=float, default=7.5, help="inpainting guidance scale (default 7.5)")
-    p.add_argument("--delta-dtype", choices=tuple(_DELTA_DTYPES), default="fp32", help="dtype of the delta file")
+    p.add_argument("--delta-dtype", choices=tuple(PRECISION_DTYPES), default="fp32", help="dtype of the delta file")
     p.add_argument("--no-model", action="store_true", help="write only the delta, not the full model folder")
     p.add_argument("--final-checkpoint", action="store_true", help="also write a checkpoint at the end")
     _train_args(p, steps=100, batch=4)
@@ -214,8 +215,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_customize(args: argparse.Namespace) -> int:
-    import torch
-
     from profusion_rt.core.errors import InvalidParameterError
     from profusion_rt.core.image_io import load_image
     from profusion_rt.training.jobs import DELTA_NAME, MODEL_DIR, customize, prepare_output_dir
@@ -243,7 +242,7 @@ def cmd_customize(args: argparse.Namespace) -> int:
         pipe, image, args.out, args.steps, config, num_augmentations=args.num_augmentations, fill=args.fill,
         inpainter=inpainter, overwrite=args.overwrite, resume=args.resume, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, final_checkpoint=args.final_checkpoint,
-        progress=not args.no_progress, delta_dtype=getattr(torch, _DELTA_DTYPES[args.delta_dtype]),
+        progress=not args.no_progress, delta_dtype=PRECISION_DTYPES[args.delta_dtype],
         save_model=not args.no_model,
     )
     return _summary(result, "customize")

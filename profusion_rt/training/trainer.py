@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from profusion_rt.core.dtypes import PRECISION_DTYPES
 from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.models import text as textenc
 from profusion_rt.models.tokenizer import tokenize_prompt
@@ -343,7 +344,7 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------------
     def _autocast(self):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        dtype = PRECISION_DTYPES[self.precision] if self.precision in ("fp16", "bf16") else None
         return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def draw_batch(self) -> dict[str, torch.Tensor]:
