@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # deferred: pulls in fastapi (the serve extra)
     from profusion_rt.serve.app import create_app
-    from profusion_rt.serve.server import BackgroundServer
+    from profusion_rt.serve.server import BackgroundServer  # deferred: pulls in uvicorn
 
     with BackgroundServer(create_app(create_runtime(pipe, "torch"), config)) as server:
         results["single_node"] = _measure(server.url, args, png, deltas)
