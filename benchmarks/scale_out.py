@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import copy
 import io
 import json
@@ -21,7 +22,10 @@ import logging
 import os
 import platform
 import re
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +36,6 @@ import torch
 from profusion_rt.core.hardware import cpu_model
 from profusion_rt.core.samples import synthetic_reference_image
 from profusion_rt.pipeline import ProFusionPipeline
-from profusion_rt.runtime import create_runtime
 from profusion_rt.serve.config import ServeConfig
 from profusion_rt.serve.ray.spec import ModelSpec, ScaleSpec
 from profusion_rt.training.delta import base_fingerprint, delta_parameters, save_delta
@@ -117,6 +120,35 @@ def _measure(url: str, args, png: bytes, deltas: list[Path]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _single_node(args, data: Path):
+    """``profusion-rt serve`` in a child process on a free loopback port; yields its URL once /healthz is 200."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "profusion_rt", "serve", "--model", args.model, "--threads", str(args.threads),
+           "--port", str(port), "--data", str(data), "--max-queue", "64", "--max-batch", "4", "--max-wait-ms", "10",
+           "--default-steps", str(args.steps), "--warmup-steps", "1", "--log-level", "warning"]
+    child = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the single-node server did not start")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        child.terminate()
+        child.wait(60)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
@@ -140,12 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "python": platform.python_version(),
                                "model": args.model, "steps": args.steps, "replicas": args.replicas}
 
-    # deferred: pulls in fastapi (the serve extra)
-    from profusion_rt.serve.app import create_app
-    from profusion_rt.serve.server import BackgroundServer  # deferred: pulls in uvicorn
-
-    with BackgroundServer(create_app(create_runtime(pipe, "torch"), config)) as server:
-        results["single_node"] = _measure(server.url, args, png, deltas)
+    with _single_node(args, work / "local") as url:  # its own process, as `profusion-rt serve` runs
+        results["single_node"] = _measure(url, args, png, deltas)
     # deferred: pulls in ray (the ray extra)
     from profusion_rt.serve.ray import app as ray_app
 
