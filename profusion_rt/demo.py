@@ -8,7 +8,10 @@
    call each, then rounds of one timed run per backend (interleaved, so load changes on a shared machine
    hit all backends alike);
 3. writes each backend's image, and prints and writes a parity and speed table against the eager
-   reference (``demo_table.md``, ``demo_results.json``).
+   reference (``demo_table.md``, ``demo_results.json``);
+4. the learned images: the shipped ``toy-faces`` model (docs/toy-faces.md) customized on a held-out face,
+   its base and customized images on eager, the torch runtime and onnxruntime (``toy_faces_grid.png``,
+   ``toy_faces.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from profusion_rt.benchmarks.runner import run_interleaved
+from profusion_rt.benchmarks.toy import evaluate as toy_eval
 from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
 
 logger = logging.getLogger(__name__)
@@ -141,4 +145,15 @@ def run_demo(args: argparse.Namespace) -> int:
     print(table)
     print(f"\nimage written to {out / 'profusion_tiny_eager.png'} (one per backend beside it)")
     print(f"table written to {out / 'demo_table.md'}")
+    toy_backends = [b for b in toy_eval.GRID_BACKENDS if b in ("eager",) + wanted]
+    print(f"\n[toy-faces] learned images (docs/toy-faces.md): a held-out face customized with our training code, "
+          f"base and customized images per backend ({', '.join(toy_backends)})")
+    torch.set_num_threads(threads)
+    try:
+        toy_eval.backend_grid(out, toy_backends, threads=threads, log=lambda line: print("      " + line))
+    except ImportError as exc:  # the faces come with scikit-image (test / eval extras)
+        print(f"      skipped: {exc}")
+    else:
+        print(f"toy-faces grid written to {out / 'toy_faces_grid.png'} (reference | 3 base | 3 customized, "
+              "one row per backend)")
     return 1 if failures else 0

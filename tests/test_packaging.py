@@ -85,6 +85,7 @@ def test_wheel_installs_one_top_level_package_and_runs_the_demo(tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"profusion_rt"}
     assert "profusion_rt/export/cache.py" in names and "profusion_rt/benchmarks/worker.py" in names
     assert "profusion_rt/data/bpe_simple_vocab_16e6.txt.gz" in names
+    assert "profusion_rt/data/toy-faces/toy-faces.safetensors" in names  # the toy-faces preset's weights
 
     site = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
@@ -103,4 +104,5 @@ def test_wheel_installs_one_top_level_package_and_runs_the_demo(tmp_path):
     assert demo.returncode == 0, demo.stderr[-3000:]
     out = work / "demo-out"
     assert any(out.glob("*.png")), sorted(p.name for p in out.iterdir())
+    assert (out / "toy_faces_grid.png").is_file(), sorted(p.name for p in out.iterdir())  # learned images
     assert not (REPO / "demo-out").exists()

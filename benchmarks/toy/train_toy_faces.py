@@ -335,7 +335,7 @@ def report(out: Path) -> dict:
 
     data = json.loads((out / "training.json").read_text())
     plot_losses(out, data)
-    return identity_figures(out)
+    return identity_figures(out, faces_used=range(4))
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -347,9 +347,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--unet-steps", type=int, default=1600)
+    p.add_argument("--unet-steps", type=int, default=1200)
     p.add_argument("--unet-batch", type=int, default=16)
-    p.add_argument("--promptnet-steps", type=int, default=600)
+    p.add_argument("--promptnet-steps", type=int, default=400)
     p.add_argument("--promptnet-batch", type=int, default=8)
     p.add_argument("--ship-to", type=Path, default=SHIP_PATH)
     args = p.parse_args(argv)
