@@ -29,7 +29,11 @@ import torch
 from PIL import Image
 
 from profusion_rt.benchmarks.toy import faces
+from profusion_rt.core.errors import BackendUnavailableError
 from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import create_runtime
+from profusion_rt.training.jobs import customize
+from profusion_rt.training.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +67,6 @@ def generate(runner, prompt: str, seeds: Sequence[int], reference=None, **sampli
 def customize_on(pipe: ProFusionPipeline, face: Image.Image, steps: int = CUSTOMIZE_STEPS,
                  lr: float = CUSTOMIZE_LR, augmentations: int = CUSTOMIZE_AUGMENTATIONS, seed: int = 0):
     """Customize ``pipe`` in place on ``face`` with our training code (no output folder)."""
-    from profusion_rt.training import TrainConfig, customize  # deferred: the training package is only needed here
-
     config = TrainConfig.customization(learning_rate=lr, seed=seed)
     return customize(pipe, face, None, steps, config, num_augmentations=augmentations, progress=False)
 
@@ -174,14 +176,11 @@ def runner_for(pipe: ProFusionPipeline, backend: str, workdir: Path, threads: in
     """A pipeline (``eager``) or a :class:`~profusion_rt.runtime.Runtime` over ``pipe``; onnxruntime runs
     the two stage graphs exported into ``workdir`` (this pipeline's weights). Raises
     :class:`~profusion_rt.core.errors.BackendUnavailableError` when the backend cannot run here."""
-    from profusion_rt.runtime import create_runtime  # deferred: the runtime pulls in the backends' modules
-
     if backend == "eager":
         return pipe
     artifacts = None
     options: dict[str, Any] = {}
     if backend == "onnxruntime":
-        from profusion_rt.core.errors import BackendUnavailableError
         from profusion_rt.export.cache import export_artifacts  # deferred: pulls in onnx
 
         try:
@@ -216,8 +215,6 @@ def backend_grid(out: Path, backends: Sequence[str] = GRID_BACKENDS, face_index:
     """The demo's images: held-out face ``face_index`` as the reference, the base model's and the
     customized model's ProFusion images (same prompt and seeds), one row per backend. Writes
     ``toy_faces_grid.png`` and ``toy_faces.json`` (distances to the face per backend) into ``out``."""
-    from profusion_rt.core.errors import BackendUnavailableError
-
     out = Path(out)
     face = faces.held_out_face(face_index)
     base, custom = toy_pipeline(), toy_pipeline()

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from profusion_rt.training.data import SubjectImageDataset
+
 #: Number of faces in ``lfw_subset()`` (the first images); the rest are non-faces.
 FACES = 100
 #: Faces kept out of every training stage (the last ten): the customization subjects of tests and demo.
@@ -58,8 +60,6 @@ def held_out_face(k: int = 0) -> Image.Image:
 def prepared(images_: list[Image.Image], resolution: int = RESOLUTION) -> torch.Tensor:
     """Images prepared exactly as the training data (centre crop, LANCZOS to ``resolution``), (N, 3, R, R)
     float in [0, 1]."""
-    from profusion_rt.training.data import SubjectImageDataset
-
     return SubjectImageDataset(images_, resolution).pixels(range(len(images_)))
 
 

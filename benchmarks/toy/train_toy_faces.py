@@ -25,6 +25,7 @@ to float rounding (threads change summation order: pass the same ``--threads``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -34,13 +35,19 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from profusion_rt.benchmarks.toy import faces
+from profusion_rt.benchmarks.toy.evaluate import identity_figures
 from profusion_rt.core.presets import get_preset
 from profusion_rt.models.factory import Components, build_components
 from profusion_rt.models.text import encode_plain
 from profusion_rt.models.tokenizer import tokenize_prompt
+from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.training.data import SubjectImageDataset
+from profusion_rt.training.init import promptnet_from_pipeline_unet
+from profusion_rt.training.jobs import pretrain
+from profusion_rt.training.trainer import TrainConfig
 from profusion_rt.core.safeio import save_atomic
 
 logger = logging.getLogger("toy-faces")
@@ -57,8 +64,6 @@ WEIGHTS_SEED = 0
 
 def base_preset():
     """The toy-faces preset without its shipped weights (what training starts from)."""
-    import dataclasses
-
     return dataclasses.replace(get_preset(PRESET), shipped_weights=None)
 
 
@@ -82,8 +87,6 @@ def state(net: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def load_state(net: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
 
 
@@ -249,9 +252,6 @@ def train_unet(out: Path, steps: int, batch: int, lr: float, ema_decay: float, d
 
 def base_pipeline(out: Path):
     """The pipeline after stages 1-2, with a PromptNet initialised from its UNet (official init)."""
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.training.init import promptnet_from_pipeline_unet
-
     c = fresh_components()
     load_state(c.vae, out / "work" / "vae.safetensors")
     load_state(c.unet, out / "work" / "unet.safetensors")
@@ -262,8 +262,6 @@ def base_pipeline(out: Path):
 
 
 def train_promptnet(out: Path, steps: int, batch: int, lr: float, seed: int) -> dict:
-    from profusion_rt.training import TrainConfig, pretrain
-
     pipe = base_pipeline(out)
     train_images = faces.images(faces.TRAIN_FACES)
     mirrored = [im.transpose(0) for im in train_images]  # Image.FLIP_LEFT_RIGHT
@@ -279,8 +277,6 @@ def train_promptnet(out: Path, steps: int, batch: int, lr: float, seed: int) -> 
 # -- stage 4: ship ---------------------------------------------------------------------------------------
 
 def ship(out: Path, target: Path = SHIP_PATH) -> dict:
-    from profusion_rt.pipeline import ProFusionPipeline
-
     pipe = ProFusionPipeline.from_pretrained(out / "work" / "promptnet" / "model")
     tensors = {}
     for name, net in pipe.networks().items():
@@ -331,8 +327,6 @@ def plot_losses(out: Path, data: dict) -> Path:
 
 
 def report(out: Path) -> dict:
-    from profusion_rt.benchmarks.toy.evaluate import identity_figures
-
     data = json.loads((out / "training.json").read_text())
     plot_losses(out, data)
     return identity_figures(out, faces_used=range(4))
