@@ -242,3 +242,23 @@ def test_replica_killed_mid_run(ray_app, ray_cluster, subjects, reference_png):
         r = httpx.post(f"{ray_app}/v1/generate", data=fields(subject_id=subjects[i % 2]), timeout=120)
         assert r.status_code == 200, r.text
     assert digests == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_customize_runs_as_a_ray_task(ray_app, reference_png):
+    """customize=true: 202, the job's progress from the shared storage, then a ready subject that the
+    Generator replicas serve (the task stores it under the base model's hash)."""
+    r = httpx.post(f"{ray_app}/v1/subjects", data={"customize": "true", "customize_steps": "1"}, timeout=60,
+                   files={"image": ("ref.png", reference_png, "image/png")})
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    sid = r.json()["id"]
+    deadline = time.monotonic() + 180
+    while True:
+        status = httpx.get(f"{ray_app}/v1/subjects/{sid}", timeout=30).json()
+        if status["status"] in ("ready", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status["status"] == "ready" and status["source"] == "customized", status
+    g = httpx.post(f"{ray_app}/v1/generate", data=fields(subject_id=sid), timeout=120)
+    assert g.status_code == 200 and g.headers["x-subject-id"] == sid, g.text
+    assert httpx.delete(f"{ray_app}/v1/subjects/{sid}").status_code == 200
+    assert httpx.get(f"{ray_app}/v1/subjects/{sid}").status_code == 404

@@ -44,6 +44,7 @@ def customize_subject(spec: dict[str, Any], config_values: dict[str, Any], data:
         config = config_from_dict(config_values)
         storage.put_job(subject_id, job)
         pipe = build_pipeline(ModelSpec(**spec))
+        base_hash = model_hash(pipe)  # of the base weights: the hash the Generator replicas serve
         picture = decode_image(image, config)
         last = [0.0]
 
@@ -63,7 +64,7 @@ def customize_subject(spec: dict[str, Any], config_values: dict[str, Any], data:
             meta = subject_meta(subject_id, "customized", has_delta=True, reference={"mode": mode, "seed": seed},
                                 name=name, customize_steps=steps,
                                 customize_seconds=round(time.perf_counter() - start, 3),
-                                model_hash=model_hash(pipe), base_fingerprint=result.base_fingerprint)
+                                model_hash=base_hash, base_fingerprint=result.base_fingerprint)
             storage.put(subject_id, {SubjectStore.DELTA: delta_path, SubjectStore.REFERENCE: reference_path}, meta)
         storage.remove_job(subject_id)
         logger.info("customized subject %s in %.1f s", subject_id, time.perf_counter() - start)
