@@ -30,6 +30,7 @@ from PIL import Image
 
 from profusion_rt.benchmarks.toy import faces
 from profusion_rt.core.errors import BackendUnavailableError
+from profusion_rt.export.cache import export_artifacts
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.runtime import create_runtime
 from profusion_rt.training.jobs import customize
@@ -181,8 +182,6 @@ def runner_for(pipe: ProFusionPipeline, backend: str, workdir: Path, threads: in
     artifacts = None
     options: dict[str, Any] = {}
     if backend == "onnxruntime":
-        from profusion_rt.export.cache import export_artifacts  # deferred: pulls in onnx
-
         try:
             import onnxruntime  # noqa: F401  (deferred: optional)
         except ImportError:
