@@ -7,6 +7,11 @@ import dataclasses
 from pathlib import Path
 
 from profusion_rt.core.dtypes import PRECISION_DTYPES
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.presets import get_preset
+from profusion_rt.models import factory
+from profusion_rt.models.factory import build_components
+from profusion_rt.pipeline import ProFusionPipeline
 
 
 def preset_at_resolution(name: str, resolution: int | None = None):
@@ -16,8 +21,6 @@ def preset_at_resolution(name: str, resolution: int | None = None):
     conv gets kernel = stride = (latent side / region kernel) so that its token head still collapses to ONE
     token S* (the release's 8 for SD2-base at 512 px, the tiny preset's 4 at 256 px). Resolutions must be
     multiples of 8 x the region kernel (64 px for both presets)."""
-    from profusion_rt.core.errors import InvalidParameterError
-    from profusion_rt.core.presets import get_preset
 
     preset = get_preset(name)
     if resolution is None or int(resolution) == preset.resolution:
@@ -43,13 +46,9 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
     every benchmark process of one run gets the same weights), then cast to ``dtype``."""
     import torch
 
-    from profusion_rt.models import factory
-    from profusion_rt.pipeline import ProFusionPipeline
-
     dev = torch.device(device)
     if Path(model).is_dir():
         if resolution is not None:
-            from profusion_rt.core.errors import InvalidParameterError
 
             raise InvalidParameterError("a resolution override needs a preset, not a model folder")
         return ProFusionPipeline.load(model, None, device, dtype, seed)
@@ -63,7 +62,6 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "fp32"
 
 def meta_components(model: str = "tiny", resolution: int | None = None):
     """The preset's components on the meta device (shapes only), for FLOP counting; None for a folder."""
-    from profusion_rt.models.factory import build_components
 
     if Path(model).is_dir():
         return None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from profusion_rt.benchmarks.worker import PROTOCOL_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ class WorkerSession:
     :func:`run_in_subprocess`. Always :meth:`close` (or use as a context manager)."""
 
     def __init__(self, job: dict[str, Any], timeout: float = 600.0):
-        from profusion_rt.benchmarks.worker import PROTOCOL_PREFIX
-
         self.job = job
         self.name = job.get("name", job["backend"])
         self._prefix = PROTOCOL_PREFIX

@@ -38,7 +38,8 @@ from profusion_rt.core.samples import synthetic_reference_image
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.serve.config import ServeConfig
 from profusion_rt.serve.ray.spec import ModelSpec, ScaleSpec
-from profusion_rt.training.delta import base_fingerprint, delta_parameters, save_delta
+from profusion_rt.models.delta import base_fingerprint, delta_parameters
+from profusion_rt.training.delta import save_delta
 
 logger = logging.getLogger(__name__)
 

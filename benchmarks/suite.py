@@ -27,13 +27,25 @@ from pathlib import Path
 from typing import Any
 
 from profusion_rt.benchmarks.costs import NetworkFlops, achieved, unet_evals_per_step
-from profusion_rt.benchmarks.measure import load_average, machine_info, machine_tag, versions
+from profusion_rt.benchmarks.measure import (
+    load_average,
+    machine_info,
+    machine_tag,
+    versions,
+)
 
 logger = logging.getLogger(__name__)
 
 #: default output folders are relative to the working directory
 ROOT = Path(".")
+from profusion_rt.benchmarks.models import build_pipeline
+from profusion_rt.benchmarks.report import write_all, write_json
+from profusion_rt.benchmarks.runner import WorkerPool
+from profusion_rt.export.cache import export_artifacts
+
+from profusion_rt.core.presets import get_preset, preset_names
 from profusion_rt.core.samples import DEMO_PROMPT
+from profusion_rt.runtime.parity import compare
 
 #: Every row of the end-to-end table, in order: name -> how the worker runs it.
 BACKEND_ROWS: dict[str, dict[str, Any]] = {
@@ -241,10 +253,6 @@ def _export(cfg: SuiteConfig, reasons: dict[str, str]) -> tuple[dict[str, Any], 
     need_trt = not reasons.get("tensorrt")
     import torch
 
-    from profusion_rt.export.cache import export_artifacts
-
-    from profusion_rt.benchmarks.models import build_pipeline
-
     info: dict[str, Any] = {"root": _rel(cfg.artifacts), "graphs": {}}
     try:
         pipe = build_pipeline(cfg.model, cfg.device, "fp32", cfg.seed)
@@ -314,11 +322,6 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
     """Run the suite and write results.json, results.md and the plots into ``cfg.out``; returns the
     results dictionary."""
     import numpy as np
-
-    from profusion_rt.runtime.parity import compare
-
-    from profusion_rt.benchmarks.report import write_all
-    from profusion_rt.benchmarks.runner import WorkerPool
 
     t_start = time.perf_counter()
     out = Path(cfg.out or ROOT / "benchmarks" / "results" / machine_tag(cfg.device))
@@ -474,14 +477,11 @@ def run_suite(cfg: SuiteConfig, log=print) -> dict[str, Any]:
 
 def _write_progress(out: Path, results: dict, rows: dict) -> None:
     """The raw worker results so far (a run cut short by a time limit keeps what it measured)."""
-    from profusion_rt.benchmarks.report import write_json
 
     write_json({**results, "partial": True, "rows": rows}, out / "progress.json")
 
 
 def _resolution(model: str) -> int | None:
-    from profusion_rt.core.presets import get_preset, preset_names
-
     return get_preset(model).resolution if model in preset_names() else None
 
 

@@ -54,8 +54,9 @@ from profusion_rt.benchmarks.measure import make_sync, peak_matmul_flops
 from profusion_rt.benchmarks.models import build_pipeline
 from profusion_rt.benchmarks.official import official_runtime, official_stage_modules
 
-from profusion_rt.artifacts.specs import get_graph, torch_dtype
+from profusion_rt.artifacts.specs import get_graph
 from profusion_rt.artifacts.store import model_hash
+from profusion_rt.core.dtypes import torch_dtype
 from profusion_rt.core.errors import ModelLoadError, ProFusionError
 from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
 from profusion_rt.models.tokenizer import replace_placeholder

@@ -29,8 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from profusion_rt.export.optimize import polygraphy_quiet
+from profusion_rt.export.validate import (
+    compare,
+    draw_inputs,
+    fresh_seed,
+    torch_reference,
+)
+
 from profusion_rt.artifacts.specs import GraphSpec
-from profusion_rt.artifacts.store import ArtifactEntry, file_digest, gpu_slug, plan_filename, stage_key
+from profusion_rt.artifacts.store import (
+    ArtifactEntry,
+    file_digest,
+    gpu_slug,
+    plan_filename,
+    stage_key,
+)
 from profusion_rt.core.errors import BackendUnavailableError, InvalidParameterError
 from profusion_rt.core.fsio import atomic_write_bytes
 from profusion_rt.runtime.trt_engine import require_tensorrt
@@ -89,7 +103,6 @@ def profile_shapes(spec: GraphSpec, dims: Mapping[str, int], batch: int,
 
 def make_profile(shapes: Mapping[str, tuple[tuple[int, ...], ...]]):
     """A polygraphy ``Profile`` (needs polygraphy, not TensorRT)."""
-    from profusion_rt.export.optimize import polygraphy_quiet
 
     polygraphy_quiet()
     from polygraphy.backend.trt import Profile
@@ -139,7 +152,6 @@ def check_precision(trt, precision: str) -> None:
 def create_config(options: Mapping[str, Any], shapes: Mapping[str, tuple[tuple[int, ...], ...]],
                   timing_cache: str | Path | None = None):
     """polygraphy ``CreateConfig`` for ``options`` (from :func:`build_options`) and one profile."""
-    from profusion_rt.export.optimize import polygraphy_quiet
 
     polygraphy_quiet()
     from polygraphy.backend.trt import CreateConfig
@@ -186,7 +198,6 @@ def build_plan(onnx_path: Path, out_dir: Path, spec: GraphSpec, dims: Mapping[st
     trt = require_tensorrt()
     check_precision(trt, precision)  # before any work
     onnx_key = onnx_key or file_digest(onnx_path)
-    from profusion_rt.export.optimize import polygraphy_quiet
 
     polygraphy_quiet()
     from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
@@ -235,8 +246,6 @@ def validate_plan(spec: GraphSpec, pipe: Any, entry: ArtifactEntry, plan_name: s
     """TensorRT (polygraphy ``TrtRunner``) against the float32 torch module, like
     :func:`profusion_rt.export.validate.validate_onnx`."""
     from polygraphy.backend.trt import TrtRunner
-
-    from profusion_rt.export.validate import compare, draw_inputs, fresh_seed, torch_reference
 
     engine = load_plan(entry, plan_name)
     seed = fresh_seed() if seed is None else int(seed)

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from profusion_rt.artifacts.specs import GraphSpec, precision_dtype, torch_dtype
+from profusion_rt.artifacts.specs import GraphSpec, precision_dtype
+from profusion_rt.core.dtypes import torch_dtype
 from profusion_rt.core.errors import ProFusionError
 from profusion_rt.runtime.ort_engine import create_session, import_onnxruntime
 

@@ -25,7 +25,15 @@ from pathlib import Path
 
 from profusion_rt.benchmarks.runner import run_interleaved
 from profusion_rt.benchmarks.toy import evaluate as toy_eval
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.image_io import save_image
+from profusion_rt.core.presets import announce_random_weights, weights_label
 from profusion_rt.core.samples import DEMO_PROMPT, demo_reference_image
+from profusion_rt.export.cache import export_artifacts
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.runtime import available_backends
+from profusion_rt.runtime.artifact_pipeline import REQUIRED_GRAPHS
+from profusion_rt.runtime.parity import compare
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +43,7 @@ ROW_BACKENDS = {"onnxruntime-artifacts": "onnxruntime"}
 
 
 def export_demo_artifacts(pipe, root: Path) -> list:
-    from profusion_rt.export.cache import export_artifacts
 
-    from profusion_rt.runtime.artifact_pipeline import REQUIRED_GRAPHS
 
     # The two stages, and the encoders and decoder the artifact-only runtime needs.
     return export_artifacts(pipe, root, graphs=list(REQUIRED_GRAPHS), progress=True, validate=True, batch=1,
@@ -66,11 +72,6 @@ def run_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from profusion_rt.core.image_io import save_image
-    from profusion_rt.pipeline import ProFusionPipeline
-    from profusion_rt.runtime import available_backends
-    from profusion_rt.runtime.parity import compare
-
     out = Path(args.out).resolve()
     artifacts = out / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,6 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[1/3] exporting the tiny preset's stage graphs, encoders and decoder to ONNX (validated) -> {artifacts}")
     start = time.perf_counter()
     pipe = ProFusionPipeline.from_preset("tiny", seed=0)
-    from profusion_rt.core.presets import announce_random_weights, weights_label
 
     announce_random_weights(pipe)
     reports = export_demo_artifacts(pipe, artifacts)
@@ -95,7 +95,6 @@ def run_demo(args: argparse.Namespace) -> int:
     wanted = BACKEND_ORDER if not args.backends else tuple(b.strip() for b in args.backends.split(",") if b.strip())
     for name in wanted:
         if name not in BACKEND_ORDER:
-            from profusion_rt.core.errors import InvalidParameterError
 
             raise InvalidParameterError(f"unknown backend {name!r} in --backends; choose from {', '.join(BACKEND_ORDER)}")
     print(f"[2/3] running every backend in its own process: {args.steps} steps, 1 fusion step, seed {args.seed}, "

@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-
 from profusion_rt.benchmarks.toy import faces
-from profusion_rt.core.errors import BackendUnavailableError
 from profusion_rt.export.cache import export_artifacts
+
+from profusion_rt.core.errors import BackendUnavailableError
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.runtime import create_runtime
 from profusion_rt.training.jobs import customize

@@ -36,7 +36,9 @@ RESOLUTION = 32
 
 def lfw_arrays() -> np.ndarray:
     """The 200 images of ``skimage.data.lfw_subset()``, float (200, 25, 25) in [0, 1]."""
-    from skimage import data  # deferred: scikit-image is an optional (test / eval) dependency
+    from skimage import (
+        data,  # deferred: scikit-image is an optional (test / eval) dependency
+    )
 
     return np.asarray(data.lfw_subset(), dtype=np.float64)
 

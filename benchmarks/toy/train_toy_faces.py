@@ -35,11 +35,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from profusion_rt.benchmarks.toy import faces
 from profusion_rt.benchmarks.toy.evaluate import identity_figures
+from safetensors.torch import load_file
+
 from profusion_rt.core.presets import get_preset
+from profusion_rt.core.safeio import save_atomic
 from profusion_rt.models.factory import Components, build_components
 from profusion_rt.models.text import encode_plain
 from profusion_rt.models.tokenizer import tokenize_prompt
@@ -48,7 +49,6 @@ from profusion_rt.training.data import SubjectImageDataset
 from profusion_rt.training.init import promptnet_from_pipeline_unet
 from profusion_rt.training.jobs import pretrain
 from profusion_rt.training.trainer import TrainConfig
-from profusion_rt.core.safeio import save_atomic
 
 logger = logging.getLogger("toy-faces")
 

@@ -32,8 +32,18 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from profusion_rt.core.dtypes import torch_dtype  # a spec's dtype names are torch's (re-exported here)
-from profusion_rt.models.stages import FUSION_INPUTS, REFINEMENT_INPUTS, STAGE_OUTPUT
+from profusion_rt import sampling
+from profusion_rt.artifacts import graphs
+from profusion_rt.core.dtypes import torch_dtype
+from profusion_rt.core.errors import InvalidParameterError
+from profusion_rt.core.presets import SD2_SCHEDULER
+from profusion_rt.models.stages import (
+    FUSION_INPUTS,
+    REFINEMENT_INPUTS,
+    STAGE_OUTPUT,
+    step_tables,
+)
+from profusion_rt.models.text import token_embeddings
 
 __all__ = [
     "TensorSpec",
@@ -43,7 +53,6 @@ __all__ = [
     "PRECISIONS",
     "model_dims",
     "get_graph",
-    "torch_dtype",
     "precision_dtype",
 ]
 
@@ -53,7 +62,6 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 def precision_dtype(precision: str) -> str:
     """Dtype name of the model-dtype tensors of an artifact of ``precision`` ("fp16" -> "float16").
     ``bf16`` artifacts keep float32 inputs and outputs (the engine computes in bf16 inside)."""
-    from profusion_rt.core.errors import InvalidParameterError
 
     if precision not in PRECISIONS:
         raise InvalidParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -262,7 +270,6 @@ def _token_ids(pipe, dims, batch, gen):
 @torch.no_grad()
 def _prompt(pipe, dims, batch, gen):
     """Token embeddings of random prompts and a one-hot placeholder mask on a prompt token."""
-    from profusion_rt.models.text import token_embeddings
 
     ids, where = _token_ids(pipe, dims, batch, gen)
     embeds = token_embeddings(pipe.text_encoder, ids.to(pipe.device)).float().cpu()
@@ -277,9 +284,6 @@ def _context(dims, batch, gen):
 
 def _step_scalars(stage: str, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """(timestep (1,), scalars (4,)) of a random step of a 50-step SD2 schedule with default settings."""
-    from profusion_rt import sampling
-    from profusion_rt.models.stages import step_tables
-    from profusion_rt.core.presets import SD2_SCHEDULER
 
     tables = step_tables(sampling.DDIMSchedule.create(SD2_SCHEDULER, 50), 7.0, 5.0, 7.0, 1.0, 0.6)
     i = int(torch.randint(0, 50, (1,), generator=gen))
@@ -356,8 +360,6 @@ def _sample_stage(stage):
 # -- builders ------------------------------------------------------------------------------------------
 def _build(kind: str) -> Callable[[Any], nn.Module]:
     def builder(pipe):
-        from profusion_rt.artifacts import graphs
-
         if kind == "text_encoder":
             return graphs.TextEncoderGraph(pipe.text_encoder, pipe.text_skip_layers)
         if kind == "text_encoder_placeholder":
@@ -450,8 +452,6 @@ GRAPH_NAMES: tuple[str, ...] = tuple(GRAPHS)
 
 
 def get_graph(name: str) -> GraphSpec:
-    from profusion_rt.core.errors import InvalidParameterError
-
     try:
         return GRAPHS[name]
     except KeyError:

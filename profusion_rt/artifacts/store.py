@@ -38,8 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from profusion_rt.artifacts.specs import model_dims
 from profusion_rt.core.errors import ModelLoadError, ProFusionError
-from profusion_rt.core.fsio import atomic_write_bytes, atomic_write_json, json_default, replace_dir, staging_dir
+from profusion_rt.core.fsio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    json_default,
+    replace_dir,
+    staging_dir,
+)
+from profusion_rt.models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -445,8 +453,6 @@ class RuntimeMetadata:
         return self.path / TOKENIZER_DIR
 
     def load_tokenizer(self):
-        from profusion_rt.models.tokenizer import load_tokenizer
-
         return load_tokenizer(self.tokenizer_dir)
 
 
@@ -481,7 +487,6 @@ def write_runtime_metadata(root: str | os.PathLike, pipe: Any, model_hash_: str)
     """Write ``<root>/<model_hash>/runtime.json``, the ``tokenizer/`` copy and the token embedding table
     (atomically; the tokenizer folder is staged and renamed, ``runtime.json`` is written last). Returns the
     model folder."""
-    from profusion_rt.artifacts.specs import model_dims
 
     folder = Path(root) / model_hash_
     folder.mkdir(parents=True, exist_ok=True)

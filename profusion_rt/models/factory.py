@@ -13,6 +13,8 @@ from torch import nn
 
 from profusion_rt.core.errors import ModelLoadError
 from profusion_rt.core.presets import Preset
+from profusion_rt.models.promptnet import PromptNet
+from profusion_rt.models.tokenizer import load_default_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ def build_image_encoder(cfg: dict[str, Any]) -> nn.Module:
 
 
 def build_promptnet(cfg: dict[str, Any]) -> nn.Module:
-    from profusion_rt.models.promptnet import PromptNet
-
     return PromptNet(cfg)
 
 
@@ -134,7 +134,6 @@ def build_components(preset: Preset, seed: int = 0, device: str | torch.device =
     are initialised directly on the device (fast for the SD2 shapes; the values differ from a CPU build of
     the same seed, as the device's random generator differs). A preset with ``shipped_weights``
     (``toy-faces``) gets its trained weights from the package instead."""
-    from profusion_rt.models.tokenizer import load_default_tokenizer
 
     dev = torch.device(device)
     on_device = dev.type in ("meta", "cuda")

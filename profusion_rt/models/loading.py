@@ -33,6 +33,7 @@ from profusion_rt.models.clip_heads import ClipProjections
 from profusion_rt.models.factory import Components, build_scheduler
 from profusion_rt.models.hub import WEIGHT_STEMS, resolve_model_path
 from profusion_rt.models.promptnet import PromptNet, PromptNetConfig
+from profusion_rt.models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +303,6 @@ def load_components(path: str | Path, promptnet_path: str | Path | None = None, 
     one line per part of the source that the loaded pipeline does not keep."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
-
-    from profusion_rt.models.tokenizer import load_tokenizer
 
     hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     path = resolve_model_path(path, revision=revision, what="model", **hub)

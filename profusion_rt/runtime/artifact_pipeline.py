@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from profusion_rt.artifacts.specs import get_graph, precision_dtype, torch_dtype
+from profusion_rt.artifacts.specs import get_graph, precision_dtype
 from profusion_rt.artifacts.store import (
     RUNTIME_JSON,
     ArtifactStore,
@@ -35,6 +35,7 @@ from profusion_rt.artifacts.store import (
     load_runtime_metadata,
     verify_files,
 )
+from profusion_rt.core.dtypes import torch_dtype
 from profusion_rt.core.errors import InvalidParameterError, ModelLoadError
 from profusion_rt.models.vision import posterior_latents
 from profusion_rt.pipeline import RequestPreparation
@@ -295,3 +296,6 @@ def create_runtime_from_artifacts(root: str | Path, backend: str = "onnxruntime"
     logger.info("artifact-only %s runtime for model %s from %s (%s, %s)", backend, digest, store_root,
                 precision, device)
     return ArtifactRuntime(pipe, fusion, refinement, backend=backend, use_cuda_graph=use_cuda_graph)
+
+
+Runtime._artifact_factory = staticmethod(create_runtime_from_artifacts)  # Runtime.from_artifacts

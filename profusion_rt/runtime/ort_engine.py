@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from profusion_rt.core.errors import BackendUnavailableError
+from profusion_rt.core.errors import BackendUnavailableError, EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,6 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict
     import onnx
     from onnx import numpy_helper
 
-    from profusion_rt.core.errors import EngineError
-
     if base is None:
         raise ValueError("locating the weights of a graph needs the base values (the first swap passes them)")
     model = onnx.load(str(onnx_path))
@@ -267,7 +265,6 @@ def weight_map(onnx_path: Path, base: Mapping[str, torch.Tensor] | None) -> dict
 def graph_weights(mapping: Mapping[str, tuple], named_tensors: Mapping[str, torch.Tensor]):
     """(initializer name, array in the graph's layout and dtype) for each named tensor; a tensor the map does
     not hold raises :class:`~profusion_rt.core.errors.EngineError` (never skipped)."""
-    from profusion_rt.core.errors import EngineError
 
     for key, value in named_tensors.items():
         target = mapping.get(key)

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -34,8 +34,20 @@ from profusion_rt.core.finite import check_finite
 from profusion_rt.core.samples import synthetic_reference_image
 from profusion_rt.models.delta import apply_delta, delta_parameters, load_delta
 from profusion_rt.models.stages import STAGE_OUTPUT
-from profusion_rt.pipeline import EncodedPrompts, PreparedRequest, ProFusionOutput, ProFusionPipeline, ReferenceEncoding
-from profusion_rt.runtime.engine import Engine, aligned_empty, aligned_rows, engine_tensor_dtype
+from profusion_rt.pipeline import (
+    OUTPUT_TYPES,
+    EncodedPrompts,
+    PreparedRequest,
+    ProFusionOutput,
+    ProFusionPipeline,
+    ReferenceEncoding,
+)
+from profusion_rt.runtime.engine import (
+    Engine,
+    aligned_empty,
+    aligned_rows,
+    engine_tensor_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +108,18 @@ class Runtime:
         self._lock = threading.Lock()
         self.last_timings = Timings()
 
+    #: ``create_runtime_from_artifacts``, set by :mod:`profusion_rt.runtime.artifact_pipeline` on import
+    _artifact_factory: Callable[..., "Runtime"]
+
     @classmethod
     def from_artifacts(cls, root, backend: str = "onnxruntime", device: str | torch.device = "cpu",
                        precision: str = "fp32", model_hash: str | None = None, threads: int | None = None,
                        use_cuda_graph: bool | None = None) -> "Runtime":
         """A runtime from an artifact folder alone: every network runs from the exported graphs (no model
-        weights, no model loading). See :func:`~.artifact_pipeline.create_runtime_from_artifacts`."""
-        from profusion_rt.runtime.artifact_pipeline import create_runtime_from_artifacts
-
-        return create_runtime_from_artifacts(root, backend, device=device, precision=precision,
-                                             model_hash=model_hash, threads=threads, use_cuda_graph=use_cuda_graph)
+        weights, no model loading). See :func:`~.artifact_pipeline.create_runtime_from_artifacts`, which the
+        package installs here when it is imported (it builds on this module, so this module cannot import it)."""
+        return cls._artifact_factory(root, backend, device=device, precision=precision, model_hash=model_hash,
+                                     threads=threads, use_cuda_graph=use_cuda_graph)
 
     # -- public API --------------------------------------------------------------------------------------
     def __call__(self, output_type: str = "pil", **kwargs) -> ProFusionOutput:
@@ -116,7 +130,6 @@ class Runtime:
 
     def generate_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ProFusionOutput]:
         """Run several requests; those of the same shape and parameters share one batched loop."""
-        from profusion_rt.pipeline import OUTPUT_TYPES
 
         with self._lock:
             start = time.perf_counter()

@@ -31,6 +31,7 @@ import torch
 
 from profusion_rt.core.errors import BackendUnavailableError, EngineError
 from profusion_rt.runtime.engine import ALIGNMENT, aligned_empty
+from profusion_rt.runtime.ort_engine import graph_weights, weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,6 @@ class TrtEngine:
         """Refit: TensorRT names refittable weights after the ONNX initializers, located as for
         onnxruntime (:func:`~profusion_rt.runtime.ort_engine.weight_map`). Weights TensorRT fused with a
         changed one (``get_missing_weights``) are supplied at their current values; any refusal raises."""
-        from profusion_rt.runtime.ort_engine import graph_weights, weight_map
 
         if not self.engine.refittable:
             raise BackendUnavailableError(f"{self.path.name} was not built refittable (export with --refittable)")

@@ -18,6 +18,28 @@ import sys
 from pathlib import Path
 
 from profusion_rt.core.dtypes import PRECISION_DTYPES
+from profusion_rt.core.errors import InvalidParameterError, OutputPathError
+from profusion_rt.core.image_io import load_image
+from profusion_rt.models.delta import apply_delta, load_delta
+from profusion_rt.pipeline import ProFusionPipeline
+from profusion_rt.training import init
+from profusion_rt.training.augment import (
+    INPAINT_NEGATIVE_PROMPT,
+    INPAINT_PROMPT,
+    load_inpainter,
+)
+from profusion_rt.training.checkpoint import read_checkpoint_state
+from profusion_rt.training.data import SubjectImageDataset, list_images
+from profusion_rt.training.errors import CheckpointError
+from profusion_rt.training.init import find_image_encoder
+from profusion_rt.training.jobs import (
+    DELTA_NAME,
+    MODEL_DIR,
+    customize,
+    prepare_output_dir,
+    pretrain,
+)
+from profusion_rt.training.trainer import TrainConfig
 
 #: Default pre-training length: the official 80,000 steps (at batch 8 per GPU); = trainer.OFFICIAL_PRETRAIN_STEPS
 #: (kept here as a literal so that the CLI parser stays cheap to import).
@@ -106,7 +128,6 @@ def register(subparsers) -> None:
 
 def _grad_norm(value: str | None):
     """``--max-grad-norm``: a positive number, or none/off/0 (no clipping)."""
-    from profusion_rt.core.errors import InvalidParameterError
 
     if str(value).strip().lower() in ("none", "off", "0", "0.0"):
         return None
@@ -118,9 +139,6 @@ def _grad_norm(value: str | None):
 
 def _config(args: argparse.Namespace, mode: str):
     """TrainConfig from the checkpoint (when resuming) or the defaults, with the options given on top."""
-    from profusion_rt.training.checkpoint import read_checkpoint_state
-    from profusion_rt.training.errors import CheckpointError
-    from profusion_rt.training.trainer import TrainConfig
 
     base = TrainConfig() if mode == "pretrain" else TrainConfig.customization()
     if args.resume is not None:
@@ -138,8 +156,6 @@ def _config(args: argparse.Namespace, mode: str):
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    from profusion_rt.core.errors import InvalidParameterError
-
     for name in ("steps", "checkpoint_every", "keep_checkpoints"):
         value, low = getattr(args, name), 1 if name != "checkpoint_every" else 0
         if value < low:
@@ -147,16 +163,12 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from profusion_rt.pipeline import ProFusionPipeline
-
     return ProFusionPipeline.load(args.model, args.promptnet, args.device, "fp32", args.weights_seed)
 
 
 def _load_for_pretraining(args: argparse.Namespace):
     """The model to pre-train: a plain SD2 folder or hub id gets a PromptNet built from its UNet (official
     init); ``--promptnet-init unet`` does that for any model, ``keep`` never."""
-    from profusion_rt.core.errors import InvalidParameterError
-    from profusion_rt.training import init
 
     folder = Path(args.model).expanduser()
     plain = args.promptnet is None and (
@@ -194,15 +206,11 @@ def _summary(result, what: str) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from profusion_rt.training.data import SubjectImageDataset, list_images
-    from profusion_rt.training.jobs import MODEL_DIR, prepare_output_dir, pretrain
-
     _check_counts(args)
     config = _config(args, "pretrain")
     images, subjects = list_images(args.data, args.group_by_subject)
     folder = Path(args.model).expanduser()
     if args.promptnet is None and folder.is_dir() and not (folder / "promptnet").is_dir():
-        from profusion_rt.training.init import find_image_encoder
 
         find_image_encoder(folder, args.image_encoder)  # a plain SD2 folder needs one: fail before writing
     prepare_output_dir(args.out, (MODEL_DIR,), args.overwrite, args.resume is not None)
@@ -215,10 +223,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_customize(args: argparse.Namespace) -> int:
-    from profusion_rt.core.errors import InvalidParameterError
-    from profusion_rt.core.image_io import load_image
-    from profusion_rt.training.jobs import DELTA_NAME, MODEL_DIR, customize, prepare_output_dir
-
     _check_counts(args)
     if args.num_augmentations < 0:
         raise InvalidParameterError(f"--num-augmentations must be >= 0, got {args.num_augmentations}")
@@ -230,7 +234,6 @@ def cmd_customize(args: argparse.Namespace) -> int:
     prepare_output_dir(args.out, outputs, args.overwrite, args.resume is not None)
     inpainter = None
     if args.inpaint_model is not None:
-        from profusion_rt.training.augment import INPAINT_NEGATIVE_PROMPT, INPAINT_PROMPT, load_inpainter
 
         inpainter = load_inpainter(
             args.inpaint_model, args.device,
@@ -249,9 +252,6 @@ def cmd_customize(args: argparse.Namespace) -> int:
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> int:
-    from profusion_rt.core.errors import OutputPathError
-    from profusion_rt.models.delta import apply_delta, load_delta
-
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise OutputPathError(f"{out} exists and is not an empty folder (pass --overwrite to replace it)")

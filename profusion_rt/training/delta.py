@@ -1,8 +1,7 @@
 """Subject deltas, the write side: extract the tensors a single-image customization changed and save them.
 
 The format, the read side (load, fit check, apply in place) and the base fingerprint are
-:mod:`profusion_rt.models.delta` (the runtime and the server read deltas; training writes them); its names
-are importable from here too.
+:mod:`profusion_rt.models.delta` (the runtime and the server read deltas; training writes them).
 """
 
 from __future__ import annotations
@@ -15,17 +14,20 @@ from typing import Any
 
 import torch
 
+from profusion_rt import __version__
 from profusion_rt.core.dtypes import PRECISION_DTYPES
 from profusion_rt.core.errors import DeltaError
 from profusion_rt.core.safeio import save_atomic
-from profusion_rt.models.delta import (FORMAT, FORMAT_VERSION, QKV_NAMES, Delta, apply_delta, base_fingerprint,
-                                       check_delta_fits, delta_parameters, fingerprint_tensors, is_attention_qkv,
-                                       load_delta)
+from profusion_rt.models.delta import (
+    FORMAT,
+    FORMAT_VERSION,
+    Delta,
+    delta_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "QKV_NAMES", "Delta", "apply_delta", "base_fingerprint", "check_delta_fits",
-           "delta_parameters", "extract_delta", "fingerprint_tensors", "is_attention_qkv", "load_delta", "save_delta"]
+__all__ = ["extract_delta", "save_delta"]
 
 
 def extract_delta(pipe, base_fingerprint: str, dtype: torch.dtype | None = None) -> Delta:
@@ -38,7 +40,6 @@ def save_delta(path: str | os.PathLike, pipe, base_fingerprint: str, dtype: torc
                training: dict[str, Any] | None = None) -> Path:
     """Write ``pipe``'s delta tensors to ``path`` (atomically). ``base_fingerprint``: :func:`base_fingerprint`
     of the model *before* customization. ``dtype``: storage dtype (default: the parameters' own)."""
-    from profusion_rt import __version__
 
     delta = extract_delta(pipe, base_fingerprint, dtype)
     if delta.dtype not in PRECISION_DTYPES.values():

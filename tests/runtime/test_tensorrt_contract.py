@@ -60,7 +60,8 @@ def stage_plan(pipe, graph: str, dtype: torch.dtype = torch.float32, batch=(1, 2
                **plan) -> FakePlan:
     """A fake plan of one stage graph: I/O names, dtypes (float tensors in ``dtype``, timestep int64, scalars
     float32) and profile as the exported graph's spec; computed by the torch stage module in float32."""
-    from profusion_rt.artifacts.specs import get_graph, torch_dtype
+    from profusion_rt.artifacts.specs import get_graph
+    from profusion_rt.core.dtypes import torch_dtype
     from profusion_rt.runtime.backends import stage_modules
 
     spec = get_graph(graph)

@@ -62,7 +62,8 @@ def deltas(tiny_pipe, tmp_path_factory):
     """Two deltas for the tiny base (perturbed PromptNet and attention q/k/v) and pipelines carrying them."""
     import torch
 
-    from profusion_rt.training.delta import base_fingerprint, delta_parameters, save_delta
+    from profusion_rt.models.delta import base_fingerprint, delta_parameters
+    from profusion_rt.training.delta import save_delta
 
     out = []
     for k in range(2):

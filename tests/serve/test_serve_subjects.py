@@ -22,7 +22,8 @@ def _files_under(root: Path) -> set[Path]:
 @pytest.fixture(scope="module")
 def subject_delta(tiny_pipe, tmp_path_factory):
     """A delta for the tiny base (PromptNet and attention q/k/v perturbed) and a pipeline carrying it."""
-    from profusion_rt.training.delta import base_fingerprint, delta_parameters, save_delta
+    from profusion_rt.models.delta import base_fingerprint, delta_parameters
+    from profusion_rt.training.delta import save_delta
 
     custom = copy.deepcopy(tiny_pipe)
     gen = torch.Generator().manual_seed(0)
