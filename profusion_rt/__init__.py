@@ -12,7 +12,7 @@ from profusion_rt.core.errors import (
 )
 from profusion_rt.pipeline import ProFusionPipeline
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ProFusionPipeline",
