@@ -36,7 +36,7 @@ from profusion_rt.serve.service import Server, json_response
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app", "error_response"]
+__all__ = ["LocalFrontend", "build_app", "create_app", "error_response"]
 
 ROUTES = ("/v1/generate", "/v1/subjects", "/healthz", "/metrics")
 
@@ -96,7 +96,8 @@ def guarded(fn):
         except ProFusionError as exc:
             if http_status(exc) >= 500:
                 logger.error("%s: %s", type(exc).__name__, exc)
-            return error_response(exc)
+            retry = getattr(exc, "retry_after_s", None)  # e.g. a replica that died: the request may be resent
+            return error_response(exc, headers={"Retry-After": str(retry)} if retry else None)
         except Exception:  # a bug: log it, answer JSON
             request = kwargs.get("request")
             logger.exception("unhandled error on %s", request.url.path if request is not None else fn.__name__)
@@ -109,14 +110,34 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
+class LocalFrontend:
+    """The single-node :class:`Server` behind the routes of :func:`build_app`."""
+
+    def __init__(self, server: Server):
+        self.server, self.config, self.models, self.metrics = server, server.config, server.models, server.metrics
+
+    async def generate(self, request: Request):
+        return await self.server.generate(request)
+
+    async def create_subject(self, request: Request):
+        return await self.server.create_subject(request)
+
+    async def subject_status(self, subject_id: str) -> dict[str, Any]:
+        return self.server.subject_status(subject_id)
+
+    async def delete_subject(self, subject_id: str) -> None:
+        await run_in_threadpool(self.server.subjects.delete, subject_id)
+
+    async def health(self) -> tuple[dict[str, Any], bool]:
+        return self.server.health(), self.server.ready
+
+
 def create_app(runtime, config: Optional[ServeConfig] = None) -> FastAPI:
     """The FastAPI app serving ``runtime``. Start-up (the app's lifespan) warms the runtime and starts the
     worker; shutdown stops it and puts the base weights back. ``app.state.server`` is the :class:`Server`.
     With ``config.api_keys_file`` the ``/v1/*`` routes (and ``/metrics`` with ``metrics_need_key``) need a
     bearer key (:mod:`profusion_rt.serve.auth`)."""
-    config = config or ServeConfig()
-    keys = load_api_keys(config.api_keys_file) if config.api_keys_file is not None else None
-    server = Server(runtime, config)
+    server = Server(runtime, config or ServeConfig())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -126,12 +147,23 @@ def create_app(runtime, config: Optional[ServeConfig] = None) -> FastAPI:
         finally:
             await run_in_threadpool(server.stop)
 
-    app = FastAPI(title="profusion-rt", version="1", lifespan=lifespan,
-                  description="ProFusion customized text-to-image generation. Errors are JSON "
-                              '`{"error": {"type": ..., "message": ...}}`.' +
-                              (" The /v1 routes need `Authorization: Bearer <key>`." if keys else ""))
+    app = build_app(LocalFrontend(server), "ProFusion customized text-to-image generation.", lifespan=lifespan)
     app.state.server = server
-    models = server.models
+    return app
+
+
+def build_app(frontend, description: str, lifespan=None) -> FastAPI:
+    """The routes, error answers, authentication and metrics of the HTTP API over ``frontend`` (the
+    single-node :class:`LocalFrontend` or the Ray ingress's frontend): an object with ``config``, ``models``,
+    ``metrics`` and the async methods ``generate(request)``, ``create_subject(request)``,
+    ``subject_status(id)``, ``delete_subject(id)`` and ``health() -> (body, ready)``."""
+    config = frontend.config
+    keys = load_api_keys(config.api_keys_file) if config.api_keys_file is not None else None
+    app = FastAPI(title="profusion-rt", version="1", lifespan=lifespan,
+                  description=description + ' Errors are JSON `{"error": {"type": ..., "message": ...}}`.' +
+                  (" The /v1 routes need `Authorization: Bearer <key>`." if keys else ""))
+    app.state.frontend = frontend
+    models = frontend.models
 
     generate_doc = {
         "requestBody": request_body(models.generate, models.generate_files),
@@ -144,33 +176,34 @@ def create_app(runtime, config: Optional[ServeConfig] = None) -> FastAPI:
     @guarded
     async def generate(request: Request, format: Annotated[Optional[str], Query(
             description="json: answer with the JSON document (also with Accept: application/json)")] = None):
-        return await server.generate(request)
+        return await frontend.generate(request)
 
     @app.post("/v1/subjects", summary="store a subject (delta and/or reference image), or customize one",
               status_code=201, responses=_errors(400, 401, 413, 415, 422, 429),
               openapi_extra={"requestBody": request_body(models.subjects, models.subject_files)})
     @guarded
     async def create_subject(request: Request):
-        return await server.create_subject(request)
+        return await frontend.create_subject(request)
 
     @app.get("/v1/subjects/{subject_id}", summary="a subject's status", responses=_errors(401, 404))
     @guarded
     async def get_subject(subject_id: SubjectId):
-        return json_response(server.subject_status(subject_id))
+        return json_response(await frontend.subject_status(subject_id))
 
     @app.delete("/v1/subjects/{subject_id}", summary="delete a subject", responses=_errors(401, 404))
     @guarded
     async def delete_subject(subject_id: SubjectId):
-        await run_in_threadpool(server.subjects.delete, subject_id)
+        await frontend.delete_subject(subject_id)
         return json_response({"id": subject_id, "status": "deleted"})
 
-    @app.get("/healthz", summary="liveness and readiness (200 once warmed up, 503 before)")
+    @app.get("/healthz", summary="liveness and readiness (200 once ready to serve, 503 before)")
     async def healthz():
-        return json_response(server.health(), 200 if server.ready else 503)
+        body, ready = await frontend.health()
+        return json_response(body, 200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(frontend.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown routes, wrong methods
@@ -186,8 +219,8 @@ def create_app(runtime, config: Optional[ServeConfig] = None) -> FastAPI:
     if keys is not None:
         _document_security(app, protect_metrics=config.metrics_need_key)
         app.add_middleware(AuthMiddleware, keys=keys, protect_metrics=config.metrics_need_key,
-                           on_refused=server.metrics.unauthorized.inc)
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outermost: counts 401s too
+                           on_refused=frontend.metrics.unauthorized.inc)
+    app.add_middleware(MetricsMiddleware, metrics=frontend.metrics)  # outermost: counts 401s too
     return app
 
 

@@ -23,10 +23,20 @@ from starlette.requests import ClientDisconnect, Request
 
 from profusion_rt.core.errors import ImageError, InvalidParameterError, PromptError
 from profusion_rt.core.image_io import load_image, png_info
-from profusion_rt.models.tokenizer import PLACEHOLDER, replace_placeholder, tokenize_prompt
+from profusion_rt.models.tokenizer import (
+    PLACEHOLDER,
+    replace_placeholder,
+    tokenize_prompt,
+)
 from profusion_rt.pipeline import tokenize_negative_prompt
 from profusion_rt.serve.config import ServeConfig
-from profusion_rt.serve.errors import BadRequestError, ClientGone, PayloadTooLargeError, UnsupportedMediaError
+from profusion_rt.serve.errors import (
+    BadRequestError,
+    ClientGone,
+    PayloadTooLargeError,
+    UnsupportedMediaError,
+)
+from profusion_rt.serve.schemas import validate_fields
 
 __all__ = ["CONTROL_RE", "check_prompt", "close_uploads", "copy_upload", "decode_image", "png_bytes", "read_request",
            "upload_bytes"]
@@ -116,6 +126,24 @@ async def read_request(request, limit: int, files: tuple[str, ...]) -> tuple[dic
         raise ClientGone() from None
     raise UnsupportedMediaError("send multipart/form-data, application/x-www-form-urlencoded or application/json, "
                                 f"not {content_type or 'a body without Content-Type'}")
+
+
+def validate_subject_fields(models, data: dict[str, Any], uploads: dict[str, Any], config: ServeConfig):
+    """The fields of ``POST /v1/subjects`` checked against ``models.subjects`` and the rules between them (a
+    delta and/or an image; customization needs an image, no delta, and a server that customizes)."""
+    p = validate_fields(models.subjects, data)
+    if "delta" not in uploads and "image" not in uploads:
+        raise InvalidParameterError("give a delta file ('delta'), a reference image ('image'), or both")
+    if p.name is not None and CONTROL_RE.search(p.name):
+        raise InvalidParameterError("name: contains control characters")
+    if p.customize:
+        if not config.allow_customize:
+            raise InvalidParameterError("customize: this server does not customize (started with --no-customize)")
+        if "image" not in uploads or "delta" in uploads:
+            raise InvalidParameterError("customize: give a reference image and no delta")
+    if "customize_steps" in p.model_fields_set and not p.customize:
+        raise InvalidParameterError("customize_steps: only with customize=true")
+    return p
 
 
 async def close_uploads(uploads: dict[str, Any]) -> None:

@@ -28,13 +28,32 @@ from profusion_rt.core.errors import InvalidParameterError, ProFusionError
 from profusion_rt.core.presets import weights_label
 from profusion_rt.models.delta import base_fingerprint
 from profusion_rt.serve.config import ServeConfig
-from profusion_rt.serve.errors import ClientGone, QueueFullError, RequestTimeoutError, ShuttingDownError
-from profusion_rt.serve.requests import (CONTROL_RE, check_prompt, close_uploads, copy_upload, decode_image, png_bytes,
-                                         read_request, upload_bytes)
+from profusion_rt.serve.errors import (
+    ClientGone,
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
+from profusion_rt.serve.requests import (
+    check_prompt,
+    close_uploads,
+    copy_upload,
+    decode_image,
+    png_bytes,
+    read_request,
+    upload_bytes,
+    validate_subject_fields,
+)
 from profusion_rt.serve.scheduler import GenerationResult, Job, Scheduler
 from profusion_rt.serve.schemas import RequestModels, validate_fields
-from profusion_rt.serve.subjects import (CustomizationJob, Subject, SubjectStore, check_subject_id,
-                                         load_fitting_delta, save_reference)
+from profusion_rt.serve.subjects import (
+    CustomizationJob,
+    Subject,
+    SubjectStore,
+    check_subject_id,
+    load_fitting_delta,
+    save_reference,
+)
 from profusion_rt.training import TrainConfig, customize, save_delta
 from profusion_rt.training.delta import extract_delta
 
@@ -173,18 +192,7 @@ class Server:
         limit = max(self.config.max_delta_bytes, self.config.max_upload_bytes)
         data, uploads = await read_request(request, limit, self.models.subject_files)
         try:
-            p = validate_fields(self.models.subjects, data)
-            if "delta" not in uploads and "image" not in uploads:
-                raise InvalidParameterError("give a delta file ('delta'), a reference image ('image'), or both")
-            if p.name is not None and CONTROL_RE.search(p.name):
-                raise InvalidParameterError("name: contains control characters")
-            if p.customize:
-                if not self.config.allow_customize:
-                    raise InvalidParameterError("customize: this server does not customize (started with --no-customize)")
-                if "image" not in uploads or "delta" in uploads:
-                    raise InvalidParameterError("customize: give a reference image and no delta")
-            if "customize_steps" in p.model_fields_set and not p.customize:
-                raise InvalidParameterError("customize_steps: only with customize=true")
+            p = validate_subject_fields(self.models, data, uploads, self.config)
             steps = p.customize_steps
             image = None
             if "image" in uploads:

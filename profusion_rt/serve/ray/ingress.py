@@ -17,29 +17,38 @@ import base64
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Optional
+from typing import Any
 
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
 import ray
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from profusion_rt.core.errors import InvalidParameterError, ProFusionError
-from profusion_rt.serve.app import MetricsMiddleware, SubjectId, _errors, error_response, guarded
-from profusion_rt.serve.auth import AuthMiddleware, load_api_keys
+from profusion_rt.serve.app import build_app
 from profusion_rt.serve.config import ServeConfig
-from profusion_rt.serve.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
-from profusion_rt.serve.metrics import CONTENT_TYPE, Metrics
+from profusion_rt.serve.errors import (
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
+from profusion_rt.serve.metrics import Metrics
 from profusion_rt.serve.ray.customize import customize_subject, subject_meta
 from profusion_rt.serve.ray.generator import BASE
 from profusion_rt.serve.ray.spec import ScaleSpec, config_from_dict, config_to_dict
-from profusion_rt.serve.requests import CONTROL_RE, close_uploads, read_request, upload_bytes
-from profusion_rt.serve.schemas import GenerateResponse, RequestModels, request_body, validate_fields
+from profusion_rt.serve.requests import (
+    close_uploads,
+    read_request,
+    upload_bytes,
+    validate_subject_fields,
+)
+from profusion_rt.serve.schemas import (
+    RequestModels,
+    validate_fields,
+)
 from profusion_rt.serve.service import json_response
 from profusion_rt.serve.storage import SubjectStorage
 from profusion_rt.serve.subjects import SubjectStore, check_subject_id
@@ -51,6 +60,8 @@ __all__ = ["Ingress", "RayFrontend", "ReplicaGone", "create_ray_app"]
 
 class ReplicaGone(ShuttingDownError):
     """The replica running the request died (503); the request may be sent again."""
+
+    retry_after_s = 1  # the answer's Retry-After
 
 
 class RayFrontend:
@@ -155,18 +166,7 @@ class RayFrontend:
         limit = max(self.config.max_delta_bytes, self.config.max_upload_bytes)
         data, uploads = await read_request(request, limit, self.models.subject_files)
         try:
-            p = validate_fields(self.models.subjects, data)
-            if "delta" not in uploads and "image" not in uploads:
-                raise InvalidParameterError("give a delta file ('delta'), a reference image ('image'), or both")
-            if p.name is not None and CONTROL_RE.search(p.name):
-                raise InvalidParameterError("name: contains control characters")
-            if p.customize:
-                if not self.config.allow_customize:
-                    raise InvalidParameterError("customize: this server does not customize (started with --no-customize)")
-                if "image" not in uploads or "delta" in uploads:
-                    raise InvalidParameterError("customize: give a reference image and no delta")
-            if "customize_steps" in p.model_fields_set and not p.customize:
-                raise InvalidParameterError("customize_steps: only with customize=true")
+            p = validate_subject_fields(self.models, data, uploads, self.config)
             image = await upload_bytes(uploads["image"], self.config.max_upload_bytes, "image") \
                 if "image" in uploads else None
             delta = await upload_bytes(uploads["delta"], self.config.max_delta_bytes, "delta") \
@@ -202,7 +202,13 @@ class RayFrontend:
         self._tasks = {r for r in self._tasks if not _done(r)}
         return json_response({"id": subject_id, "status": "queued", "has_delta": True, "has_reference": True}, 202)
 
-    def subject_status(self, subject_id: str) -> dict[str, Any]:
+    async def subject_status(self, subject_id: str) -> dict[str, Any]:
+        return await run_in_threadpool(self._subject_status, subject_id)
+
+    async def delete_subject(self, subject_id: str) -> None:
+        await run_in_threadpool(self.storage.delete, subject_id)
+
+    def _subject_status(self, subject_id: str) -> dict[str, Any]:
         check_subject_id(subject_id)
         job = self.storage.get_job(subject_id)
         if job is not None and not self.storage.exists(subject_id):
@@ -228,74 +234,9 @@ def _done(ref) -> bool:
 
 
 def create_ray_app(frontend: RayFrontend) -> FastAPI:
-    """The FastAPI app of the ingress (the routes of :func:`profusion_rt.serve.app.create_app`)."""
-    config = frontend.config
-    keys = load_api_keys(config.api_keys_file) if config.api_keys_file is not None else None
-    app = FastAPI(title="profusion-rt", version="1",
-                  description="ProFusion customized text-to-image generation on Ray Serve. Errors are JSON "
-                              '`{"error": {"type": ..., "message": ...}}`.' +
-                              (" The /v1 routes need `Authorization: Bearer <key>`." if keys else ""))
-    app.state.frontend = frontend
-    models = frontend.models
-    generate_doc = {
-        "requestBody": request_body(models.generate, models.generate_files),
-        "responses": {"200": {"description": "one PNG (the default) or, with ?format=json, the JSON document",
-                              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}},
-    }
-
-    @app.post("/v1/generate", summary="generate an image of a subject", openapi_extra=generate_doc,
-              response_model=GenerateResponse, responses=_errors(400, 401, 404, 409, 413, 415, 422, 429, 503, 504))
-    @guarded
-    async def generate(request: Request, format: Annotated[Optional[str], Query(
-            description="json: answer with the JSON document (also with Accept: application/json)")] = None):
-        try:
-            return await frontend.generate(request)
-        except ReplicaGone as exc:
-            return error_response(exc, headers={"Retry-After": "1"})
-
-    @app.post("/v1/subjects", summary="store a subject (delta and/or reference image), or customize one",
-              status_code=201, responses=_errors(400, 401, 413, 415, 422, 429),
-              openapi_extra={"requestBody": request_body(models.subjects, models.subject_files)})
-    @guarded
-    async def create_subject(request: Request):
-        return await frontend.create_subject(request)
-
-    @app.get("/v1/subjects/{subject_id}", summary="a subject's status", responses=_errors(401, 404))
-    @guarded
-    async def get_subject(subject_id: SubjectId):
-        return json_response(await run_in_threadpool(frontend.subject_status, subject_id))
-
-    @app.delete("/v1/subjects/{subject_id}", summary="delete a subject", responses=_errors(401, 404))
-    @guarded
-    async def delete_subject(subject_id: SubjectId):
-        await run_in_threadpool(frontend.storage.delete, subject_id)
-        return json_response({"id": subject_id, "status": "deleted"})
-
-    @app.get("/healthz", summary="liveness and readiness (200 once a Generator answers, 503 before)")
-    async def healthz():
-        body, ok = await frontend.health()
-        return json_response(body, 200 if ok else 503)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def metrics():
-        return PlainTextResponse(frontend.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc):
-        name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
-        return json_response({"error": {"type": name, "message": str(exc.detail)}}, exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        first = (exc.errors() or [{}])[0]
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return error_response(InvalidParameterError(f"{where}: {first.get('msg', 'invalid value')}"))
-
-    if keys is not None:
-        app.add_middleware(AuthMiddleware, keys=keys, protect_metrics=config.metrics_need_key,
-                           on_refused=frontend.metrics.unauthorized.inc)
-    app.add_middleware(MetricsMiddleware, metrics=frontend.metrics)
-    return app
+    """The FastAPI app of the ingress: the routes of :func:`profusion_rt.serve.app.build_app` over the Ray
+    frontend."""
+    return build_app(frontend, "ProFusion customized text-to-image generation on Ray Serve.")
 
 
 @serve.deployment(name="Ingress")
