@@ -128,6 +128,22 @@ async def read_request(request, limit: int, files: tuple[str, ...]) -> tuple[dic
                                 f"not {content_type or 'a body without Content-Type'}")
 
 
+async def read_generate_request(request, config: ServeConfig, models):
+    """The body of ``POST /v1/generate`` read within the byte limit and checked against ``models.generate``
+    -> (fields, image bytes or None, whether the answer is JSON); several images need the JSON answer."""
+    data, uploads = await read_request(request, config.max_upload_bytes, models.generate_files)
+    try:
+        p = validate_fields(models.generate, data)  # types, ranges, the server's limits, unknown fields
+        image = await upload_bytes(uploads["image"], config.max_upload_bytes, "image") if "image" in uploads else None
+    finally:
+        await close_uploads(uploads)
+    want_json = request.query_params.get("format") == "json" or \
+        "application/json" in request.headers.get("accept", "")
+    if p.num_images > 1 and not want_json:
+        raise InvalidParameterError("num_images: a PNG answer holds one image; ask for ?format=json")
+    return p, image, want_json
+
+
 def validate_subject_fields(models, data: dict[str, Any], uploads: dict[str, Any], config: ServeConfig):
     """The fields of ``POST /v1/subjects`` checked against ``models.subjects`` and the rules between them (a
     delta and/or an image; customization needs an image, no delta, and a server that customizes)."""

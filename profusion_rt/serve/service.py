@@ -40,12 +40,13 @@ from profusion_rt.serve.requests import (
     copy_upload,
     decode_image,
     png_bytes,
+    read_generate_request,
     read_request,
     upload_bytes,
     validate_subject_fields,
 )
 from profusion_rt.serve.scheduler import GenerationResult, Job, Scheduler
-from profusion_rt.serve.schemas import RequestModels, validate_fields
+from profusion_rt.serve.schemas import RequestModels
 from profusion_rt.serve.subjects import (
     CustomizationJob,
     Subject,
@@ -103,18 +104,8 @@ class Server:
     # -- generation ----------------------------------------------------------------------------------------
     async def generate(self, request):
         start = time.perf_counter()
-        data, uploads = await read_request(request, self.config.max_upload_bytes, self.models.generate_files)
-        try:
-            p = validate_fields(self.models.generate, data)  # types, ranges, the server's limits, unknown fields
-            image_data = await upload_bytes(uploads["image"], self.config.max_upload_bytes, "image") \
-                if "image" in uploads else None
-        finally:
-            await close_uploads(uploads)
-        want_json = request.query_params.get("format") == "json" or \
-            "application/json" in request.headers.get("accept", "")
+        p, image_data, want_json = await read_generate_request(request, self.config, self.models)
         steps = self.config.default_steps if p.num_inference_steps is None else p.num_inference_steps
-        if p.num_images > 1 and not want_json:
-            raise InvalidParameterError("num_images: a PNG answer holds one image; ask for ?format=json")
         check_prompt(self.pipe.tokenizer, p.prompt, p.class_word, self.config.max_prompt_chars, p.negative_prompt)
         subject = None
         if p.subject_id is not None:

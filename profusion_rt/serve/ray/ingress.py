@@ -27,7 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.concurrency import run_in_threadpool
 
-from profusion_rt.core.errors import InvalidParameterError, ProFusionError
+from profusion_rt.core.errors import ProFusionError
 from profusion_rt.serve.app import build_app
 from profusion_rt.serve.config import ServeConfig
 from profusion_rt.serve.errors import (
@@ -41,13 +41,13 @@ from profusion_rt.serve.ray.generator import BASE
 from profusion_rt.serve.ray.spec import ScaleSpec, config_from_dict, config_to_dict
 from profusion_rt.serve.requests import (
     close_uploads,
+    read_generate_request,
     read_request,
     upload_bytes,
     validate_subject_fields,
 )
 from profusion_rt.serve.schemas import (
     RequestModels,
-    validate_fields,
 )
 from profusion_rt.serve.service import json_response
 from profusion_rt.serve.storage import SubjectStorage
@@ -110,17 +110,7 @@ class RayFrontend:
 
     async def generate(self, request):
         start = time.perf_counter()
-        data, uploads = await read_request(request, self.config.max_upload_bytes, self.models.generate_files)
-        try:
-            p = validate_fields(self.models.generate, data)
-            image = await upload_bytes(uploads["image"], self.config.max_upload_bytes, "image") \
-                if "image" in uploads else None
-        finally:
-            await close_uploads(uploads)
-        want_json = request.query_params.get("format") == "json" or \
-            "application/json" in request.headers.get("accept", "")
-        if p.num_images > 1 and not want_json:
-            raise InvalidParameterError("num_images: a PNG answer holds one image; ask for ?format=json")
+        p, image, want_json = await read_generate_request(request, self.config, self.models)
         model_id = await self.model_id_of(p.subject_id)
         timeout = min(p.timeout_s or self.config.timeout_s, self.config.timeout_s)
         fields = p.model_dump()
