@@ -62,9 +62,16 @@ WEIGHTS_SEED = 0
 
 # -- helpers ----------------------------------------------------------------------------------------------
 
+#: Prediction type of the model being trained (the preset's unless ``--prediction`` says otherwise).
+PREDICTION: str | None = None
+
+
 def base_preset():
     """The toy-faces preset without its shipped weights (what training starts from)."""
-    return dataclasses.replace(get_preset(PRESET), shipped_weights=None)
+    preset = dataclasses.replace(get_preset(PRESET), shipped_weights=None)
+    if PREDICTION is not None:
+        preset = dataclasses.replace(preset, scheduler=dict(preset.scheduler, prediction_type=PREDICTION))
+    return preset
 
 
 def fresh_components() -> Components:
@@ -188,43 +195,73 @@ def prompt_contexts(c: Components, prompts) -> torch.Tensor:
         return encode_plain(c.text_encoder, ids, c.text_skip_layers)
 
 
-def train_unet(out: Path, steps: int, batch: int, lr: float, ema_decay: float, drop: float, seed: int) -> dict:
+def unpadded_lengths(c: Components, prompts) -> torch.Tensor:
+    """Number of tokens of each prompt up to and including its end token."""
+    return torch.tensor([int((tokenize_prompt(c.tokenizer, p)[0] == c.tokenizer.eos_token_id).nonzero()[0]) + 1
+                         for p in prompts])
+
+
+class PlainObjective:
+    """The plain text-to-image objective (epsilon MSE) on the training pixels: faces with
+    :data:`~profusion_rt.benchmarks.toy.faces.FACE_PROMPTS`, non-faces with ``OTHER_PROMPTS``, a share ``drop``
+    of empty prompts (classifier-free guidance). ``net`` is a pipeline or :class:`Components` (VAE, tokenizer,
+    frozen text tower, scheduler). A share ``unpadded`` of the batches sees the prompts unpadded, as ProFusion's
+    training step does (:func:`~profusion_rt.training.trainer.training_prompt_ids`), the rest padded, as
+    sampling does (the text tower is causal, so the first tokens are the same)."""
+
+    def __init__(self, net, drop: float = 0.1, seed: int = 2, unpadded: float = 0.5):
+        face_px, other_px = training_pixels()
+        px = torch.cat([with_flips(face_px), with_flips(other_px)]) * 2.0 - 1.0
+        self.is_face = torch.cat([torch.ones(2 * len(face_px)), torch.zeros(2 * len(other_px))]).bool()
+        with torch.no_grad():
+            dists = [net.vae.encode(px[i:i + 64]).latent_dist for i in range(0, len(px), 64)]
+            self.mean = torch.cat([d.mean for d in dists])
+            self.std = torch.cat([d.std for d in dists])
+        prompts = ("",) + faces.FACE_PROMPTS + faces.OTHER_PROMPTS
+        self.ctx = prompt_contexts(net, prompts)
+        self.lengths = unpadded_lengths(net, prompts)
+        self.alphas = net.scheduler.alphas_cumprod.float()
+        self.prediction = net.scheduler.config.prediction_type
+        self.sf = net.vae.config.scaling_factor
+        self.drop, self.unpadded = drop, unpadded
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def loss(self, unet: torch.nn.Module, batch: int) -> torch.Tensor:
+        g, nf, no = self.generator, len(faces.FACE_PROMPTS), len(faces.OTHER_PROMPTS)
+        idx = torch.randint(len(self.mean), (batch,), generator=g)
+        face = self.is_face[idx]
+        which = torch.where(face, 1 + torch.randint(nf, (batch,), generator=g),
+                            1 + nf + torch.randint(no, (batch,), generator=g))
+        which = torch.where(torch.rand(batch, generator=g) < self.drop, torch.zeros_like(which), which)
+        z0 = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)) * self.sf
+        t = torch.randint(len(self.alphas), (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = self.ctx[which]
+        if torch.rand((), generator=g) < self.unpadded:
+            cond = cond[:, : int(self.lengths[which].max())]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0
+        return ((pred - target) ** 2).mean()
+
+
+def train_unet(out: Path, steps: int, batch: int, lr: float, ema_decay: float, drop: float, seed: int,
+               final_lr: float = 0.05) -> dict:
     c = fresh_components()
     load_state(c.vae, out / "work" / "vae.safetensors")
-    face_px, other_px = training_pixels()
-    px = torch.cat([with_flips(face_px), with_flips(other_px)]) * 2.0 - 1.0
-    is_face = torch.cat([torch.ones(2 * len(face_px)), torch.zeros(2 * len(other_px))]).bool()
-    with torch.no_grad():
-        dists = [c.vae.encode(px[i:i + 64]).latent_dist for i in range(0, len(px), 64)]
-        mean = torch.cat([d.mean for d in dists])
-        std = torch.cat([d.std for d in dists])
-    prompts = ("",) + faces.FACE_PROMPTS + faces.OTHER_PROMPTS
-    ctx = prompt_contexts(c, prompts)
-    nf, no = len(faces.FACE_PROMPTS), len(faces.OTHER_PROMPTS)
+    objective = PlainObjective(c, drop, seed)
     unet = c.unet.train().requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    alphas = c.scheduler.alphas_cumprod.float()
-    sf = c.vae.config.scaling_factor
-    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     warmup = max(steps // 20, 1)
     losses = []
     start = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
-        idx = torch.randint(len(px), (batch,), generator=g)
-        face = is_face[idx]
-        which = torch.where(face, 1 + torch.randint(nf, (batch,), generator=g),
-                            1 + nf + torch.randint(no, (batch,), generator=g))
-        which = torch.where(torch.rand(batch, generator=g) < drop, torch.zeros_like(which), which)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
-        t = torch.randint(len(alphas), (batch,), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t, encoder_hidden_states=ctx[which]).sample
-        loss = ((pred - noise) ** 2).mean()
+            cosine = final_lr + (1.0 - final_lr) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * cosine
+        loss = objective.loss(unet, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -234,7 +271,7 @@ def train_unet(out: Path, steps: int, batch: int, lr: float, ema_decay: float, d
             for k, v in unet.state_dict().items():
                 if v.dtype.is_floating_point:
                     ema[k].lerp_(v, 1.0 - d)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             logger.info("unet step %d/%d loss %.4f (mean of last 100 %.4f) %.1f s", step, steps, losses[-1],
                         sum(losses[-100:]) / len(losses[-100:]), time.perf_counter() - start)
@@ -243,7 +280,8 @@ def train_unet(out: Path, steps: int, batch: int, lr: float, ema_decay: float, d
     unet.eval().requires_grad_(False)
     round_fp16(unet)
     save_atomic(out / "work" / "unet.safetensors", state(unet), {"stage": "unet"})
-    return {"steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay, "prompt_drop": drop, "seed": seed,
+    return {"steps": steps, "batch": batch, "lr": lr, "final_lr_fraction": final_lr, "ema_decay": ema_decay,
+            "prompt_drop": drop, "unpadded_fraction": objective.unpadded, "seed": seed,
             "seconds": seconds, "loss": losses, "prompts_face": list(faces.FACE_PROMPTS),
             "prompts_other": list(faces.OTHER_PROMPTS)}
 
@@ -341,12 +379,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--unet-steps", type=int, default=1200)
+    p.add_argument("--unet-steps", type=int, default=8000)
     p.add_argument("--unet-batch", type=int, default=16)
-    p.add_argument("--promptnet-steps", type=int, default=400)
+    p.add_argument("--promptnet-steps", type=int, default=2000)
     p.add_argument("--promptnet-batch", type=int, default=8)
+    p.add_argument("--unet-ema", type=float, default=0.999, help="EMA decay of the UNet's weights")
+    p.add_argument("--promptnet-lr", type=float, default=2e-4)
     p.add_argument("--ship-to", type=Path, default=SHIP_PATH)
+    p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=None,
+                   help="train for this prediction type instead of the preset's")
     args = p.parse_args(argv)
+    global PREDICTION
+    PREDICTION = args.prediction
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -356,15 +400,16 @@ def main(argv=None) -> int:
     out = args.out
     (out / "work").mkdir(parents=True, exist_ok=True)
     record(out, "machine", {"cpu": _machine(), "threads": args.threads,
-                            "load_note": "2 cores shared with other jobs (nice 10)"})
+                            "load_average_at_start": os.getloadavg()})
     for s in stages:
         t0 = time.perf_counter()
         if s == "vae":
             info = train_vae(out, args.vae_steps, args.vae_batch, lr=1e-3, kl_weight=1e-4, seed=1)
         elif s == "unet":
-            info = train_unet(out, args.unet_steps, args.unet_batch, lr=1e-3, ema_decay=0.999, drop=0.1, seed=2)
+            info = train_unet(out, args.unet_steps, args.unet_batch, lr=1e-3, ema_decay=args.unet_ema, drop=0.1,
+                              seed=2)
         elif s == "promptnet":
-            info = train_promptnet(out, args.promptnet_steps, args.promptnet_batch, lr=2e-4, seed=3)
+            info = train_promptnet(out, args.promptnet_steps, args.promptnet_batch, lr=args.promptnet_lr, seed=3)
         elif s == "ship":
             info = ship(out, args.ship_to)
         else:

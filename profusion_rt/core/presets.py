@@ -220,6 +220,9 @@ def _toy_faces() -> Preset:
         image_encoder=_vision(32, 2, 2, 64, 32, 8),
         # latent 8x8: the head maps are 1x1 (kernels 8,4,2,1,1,1), the output conv has kernel 1 -> one token.
         promptnet=_promptnet(unet, 32, 8, 1, 32),
+        # v-prediction (SD2-768's): at 8x8 latents an epsilon model's x0 estimate at high noise carries
+        # 1/sqrt(alpha_bar) = 14x its error, which fixed each image's brightness from the seed (docs/toy-faces.md).
+        scheduler=dict(SD2_V_SCHEDULER),
         random_weights=False,
         shipped_weights=TOY_FACES_WEIGHTS,
     )

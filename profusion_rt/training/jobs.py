@@ -149,7 +149,7 @@ def customize(pipe, image, out_dir: str | os.PathLike | None = None, steps: int 
     out = prepare_output_dir(out_dir, outputs, overwrite, resume is not None) if out_dir is not None else None
 
     timings: dict[str, float] = {}
-    if inpainter is None:
+    if inpainter is None and num_augmentations > 0:
         logger.warning("no inpainting model: the augmentations' blank areas get the %r fill, without the face box "
                        "(the official notebook inpaints them with SD2-inpainting: pass --inpaint-model)", fill)
     augmentation = augmentation_record(inpainter, fill)

@@ -93,3 +93,9 @@ def test_customize_cli_with_an_inpainting_model_and_the_fallback(inpaint_dir, ph
     assert training["fill"] == "border" and training["augmentation"]["inpainting"] is None
     assert training["augmentation"]["face_box"] is None
     assert training["config"]["max_grad_norm"] is None  # customization does not clip (official)
+
+    caplog.clear()  # without augmentations there is nothing to fill: no warning
+    plain = [a if a != "2" else "0" for a in args]
+    with caplog.at_level(logging.WARNING, logger="profusion_rt"):
+        assert main(plain + ["--out", str(tmp_path / "plain")]) == 0
+    assert not [r for r in caplog.records if "no inpainting model" in r.getMessage()]
