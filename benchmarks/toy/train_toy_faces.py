@@ -415,6 +415,7 @@ def main(argv=None) -> int:
         else:
             info = report(out)
         info["wall_seconds"] = time.perf_counter() - t0
+        info["machine"] = _machine()
         record(out, s, info)
         logger.info("stage %s done in %.1f s", s, info["wall_seconds"])
     return 0
