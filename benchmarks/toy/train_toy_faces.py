@@ -43,7 +43,7 @@ from profusion_rt.core.presets import get_preset
 from profusion_rt.core.safeio import save_atomic
 from profusion_rt.models.factory import Components, build_components
 from profusion_rt.models.text import encode_plain
-from profusion_rt.models.tokenizer import tokenize_prompt
+from profusion_rt.models.tokenizer import tokenize_prompt, unpadded_length
 from profusion_rt.pipeline import ProFusionPipeline
 from profusion_rt.training.data import SubjectImageDataset
 from profusion_rt.training.init import promptnet_from_pipeline_unet
@@ -62,16 +62,9 @@ WEIGHTS_SEED = 0
 
 # -- helpers ----------------------------------------------------------------------------------------------
 
-#: Prediction type of the model being trained (the preset's unless ``--prediction`` says otherwise).
-PREDICTION: str | None = None
-
-
 def base_preset():
     """The toy-faces preset without its shipped weights (what training starts from)."""
-    preset = dataclasses.replace(get_preset(PRESET), shipped_weights=None)
-    if PREDICTION is not None:
-        preset = dataclasses.replace(preset, scheduler=dict(preset.scheduler, prediction_type=PREDICTION))
-    return preset
+    return dataclasses.replace(get_preset(PRESET), shipped_weights=None)
 
 
 def fresh_components() -> Components:
@@ -188,41 +181,30 @@ def train_vae(out: Path, steps: int, batch: int, lr: float, kl_weight: float, se
 
 # -- stage 2: UNet ----------------------------------------------------------------------------------------
 
-def prompt_contexts(c: Components, prompts) -> torch.Tensor:
-    """Frozen text conditioning (P, 77, D) of each prompt, padded as the pipeline pads."""
-    ids = torch.stack([tokenize_prompt(c.tokenizer, p)[0] for p in prompts])
-    with torch.no_grad():
-        return encode_plain(c.text_encoder, ids, c.text_skip_layers)
-
-
-def unpadded_lengths(c: Components, prompts) -> torch.Tensor:
-    """Number of tokens of each prompt up to and including its end token."""
-    return torch.tensor([int((tokenize_prompt(c.tokenizer, p)[0] == c.tokenizer.eos_token_id).nonzero()[0]) + 1
-                         for p in prompts])
-
-
 class PlainObjective:
-    """The plain text-to-image objective (epsilon MSE) on the training pixels: faces with
+    """The plain text-to-image objective (MSE to the scheduler's target, epsilon or v) on the training
+    pixels of ``c`` (:class:`Components`: VAE, tokenizer, frozen text tower, scheduler): faces with
     :data:`~profusion_rt.benchmarks.toy.faces.FACE_PROMPTS`, non-faces with ``OTHER_PROMPTS``, a share ``drop``
-    of empty prompts (classifier-free guidance). ``net`` is a pipeline or :class:`Components` (VAE, tokenizer,
-    frozen text tower, scheduler). A share ``unpadded`` of the batches sees the prompts unpadded, as ProFusion's
-    training step does (:func:`~profusion_rt.training.trainer.training_prompt_ids`), the rest padded, as
-    sampling does (the text tower is causal, so the first tokens are the same)."""
+    of empty prompts (classifier-free guidance). A share ``unpadded`` of the batches sees the prompts
+    unpadded, as ProFusion's training step does (:func:`~profusion_rt.training.trainer.training_prompt_ids`),
+    the rest padded, as sampling does (the text tower is causal, so the first tokens are the same)."""
 
-    def __init__(self, net, drop: float = 0.1, seed: int = 2, unpadded: float = 0.5):
+    def __init__(self, c: Components, drop: float = 0.1, seed: int = 2, unpadded: float = 0.5):
         face_px, other_px = training_pixels()
         px = torch.cat([with_flips(face_px), with_flips(other_px)]) * 2.0 - 1.0
         self.is_face = torch.cat([torch.ones(2 * len(face_px)), torch.zeros(2 * len(other_px))]).bool()
+        prompts = ("",) + faces.FACE_PROMPTS + faces.OTHER_PROMPTS
+        ids = torch.stack([tokenize_prompt(c.tokenizer, p)[0] for p in prompts])
         with torch.no_grad():
-            dists = [net.vae.encode(px[i:i + 64]).latent_dist for i in range(0, len(px), 64)]
+            dists = [c.vae.encode(px[i:i + 64]).latent_dist for i in range(0, len(px), 64)]
             self.mean = torch.cat([d.mean for d in dists])
             self.std = torch.cat([d.std for d in dists])
-        prompts = ("",) + faces.FACE_PROMPTS + faces.OTHER_PROMPTS
-        self.ctx = prompt_contexts(net, prompts)
-        self.lengths = unpadded_lengths(net, prompts)
-        self.alphas = net.scheduler.alphas_cumprod.float()
-        self.prediction = net.scheduler.config.prediction_type
-        self.sf = net.vae.config.scaling_factor
+            # frozen text conditioning (P, 77, D) of each prompt, padded as the pipeline pads
+            self.ctx = encode_plain(c.text_encoder, ids, c.text_skip_layers)
+        self.lengths = torch.tensor([unpadded_length(c.tokenizer, row) for row in ids])
+        self.alphas = c.scheduler.alphas_cumprod.float()
+        self.prediction = c.scheduler.config.prediction_type
+        self.sf = c.vae.config.scaling_factor
         self.drop, self.unpadded = drop, unpadded
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -386,11 +368,7 @@ def main(argv=None) -> int:
     p.add_argument("--unet-ema", type=float, default=0.999, help="EMA decay of the UNet's weights")
     p.add_argument("--promptnet-lr", type=float, default=2e-4)
     p.add_argument("--ship-to", type=Path, default=SHIP_PATH)
-    p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=None,
-                   help="train for this prediction type instead of the preset's")
     args = p.parse_args(argv)
-    global PREDICTION
-    PREDICTION = args.prediction
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -399,10 +377,9 @@ def main(argv=None) -> int:
         p.error(f"unknown stage(s) {bad}; choose from {STAGES}")
     out = args.out
     (out / "work").mkdir(parents=True, exist_ok=True)
-    record(out, "machine", {"cpu": _machine(), "threads": args.threads,
-                            "load_average_at_start": os.getloadavg()})
     for s in stages:
         t0 = time.perf_counter()
+        load = os.getloadavg()
         if s == "vae":
             info = train_vae(out, args.vae_steps, args.vae_batch, lr=1e-3, kl_weight=1e-4, seed=1)
         elif s == "unet":
@@ -416,6 +393,7 @@ def main(argv=None) -> int:
             info = report(out)
         info["wall_seconds"] = time.perf_counter() - t0
         info["machine"] = _machine()
+        info["load_average_at_start"] = load
         record(out, s, info)
         logger.info("stage %s done in %.1f s", s, info["wall_seconds"])
     return 0

@@ -346,3 +346,9 @@ def tokenize_prompt(
         )
     ids = [bos] + body + [eos] + [pad] * (max_length - length)
     return torch.tensor(ids, dtype=torch.long), placeholder_index
+
+
+def unpadded_length(tokenizer: CLIPTokenizer, input_ids) -> int:
+    """Number of ids of a :func:`tokenize_prompt` result up to and including its end token (the prompt
+    without its padding)."""
+    return int((input_ids == tokenizer.eos_token_id).nonzero()[0]) + 1

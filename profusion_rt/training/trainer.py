@@ -26,7 +26,7 @@ import torch
 from profusion_rt.core.dtypes import PRECISION_DTYPES
 from profusion_rt.core.errors import InvalidParameterError
 from profusion_rt.models import text as textenc
-from profusion_rt.models.tokenizer import tokenize_prompt
+from profusion_rt.models.tokenizer import tokenize_prompt, unpadded_length
 from profusion_rt.models.vision import image_tokens
 from profusion_rt.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from profusion_rt.training.data import PairSampler, SubjectImageDataset, derive_seed
@@ -169,8 +169,7 @@ def training_prompt_ids(tokenizer, prompt: str = DEFAULT_PROMPT) -> tuple[torch.
     As the official code: ``"a photo of {S*}"`` gives 6 ids, <start> a photo of <S*> <end>, with S* at
     index 4 (the id there is a stand-in: that embedding row is replaced by S*)."""
     ids, index = tokenize_prompt(tokenizer, prompt, require_placeholder=True)
-    end = int((ids == tokenizer.eos_token_id).nonzero()[0])
-    return ids[: end + 1].clone(), int(index)
+    return ids[: unpadded_length(tokenizer, ids)].clone(), int(index)
 
 
 def diffusion_loss(pipe, latents: torch.Tensor, ref_latents: torch.Tensor, ref_tokens: torch.Tensor,

@@ -69,7 +69,7 @@ def test_the_preset_loads_the_shipped_weights_without_a_random_weights_warning(b
         assert torch.equal(a, b)
 
 
-def test_missing_shipped_weights_are_a_model_load_error(monkeypatch):
+def test_missing_shipped_weights_are_a_model_load_error():
     preset = dataclasses.replace(get_preset("toy-faces"), shipped_weights="data/toy-faces/nothing.safetensors")
     with pytest.raises(ModelLoadError, match="missing from the package"):
         build_components(preset)

@@ -95,7 +95,8 @@ def test_customize_cli_with_an_inpainting_model_and_the_fallback(inpaint_dir, ph
     assert training["config"]["max_grad_norm"] is None  # customization does not clip (official)
 
     caplog.clear()  # without augmentations there is nothing to fill: no warning
-    plain = [a if a != "2" else "0" for a in args]
+    i = args.index("--num-augmentations")
+    plain = [*args[:i], "--num-augmentations", "0", *args[i + 2:]]
     with caplog.at_level(logging.WARNING, logger="profusion_rt"):
         assert main(plain + ["--out", str(tmp_path / "plain")]) == 0
     assert not [r for r in caplog.records if "no inpainting model" in r.getMessage()]
